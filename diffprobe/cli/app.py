@@ -1,0 +1,82 @@
+"""The Typer app, command registration helpers and the error-handling entry point."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import click
+import typer
+from rich.console import Console
+
+from diffprobe.errors import DiffprobeError
+
+app = typer.Typer(
+    name="diffprobe",
+    help="3D CT segmentation from diffusion-pretrained features, configured automatically (nnU-Net style).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console(stderr=True)
+
+# Options that take several values nnU-Net style (``-d 1 2 3``); rewritten to repeated options.
+MULTI_VALUE_OPTIONS = {"-d", "--dataset", "--t", "--timesteps"}
+
+
+def command(name: str, example: str, **kwargs) -> Callable:
+    """Register a command under its underscore name and, hidden, its hyphenated spelling."""
+
+    def decorator(fn: Callable) -> Callable:
+        epilog = f"Example:\n\n  {example}"
+        app.command(name, epilog=epilog, **kwargs)(fn)
+        if "_" in name:
+            app.command(name.replace("_", "-"), epilog=epilog, hidden=True, **kwargs)(fn)
+        return fn
+
+    return decorator
+
+
+def expand_multi_value_options(argv: list[str]) -> list[str]:
+    """``-d 1 2 3`` -> ``-d 1 -d 2 -d 3`` so Typer's repeated-option lists accept nnU-Net syntax."""
+    out: list[str] = []
+    current: str | None = None
+    for arg in argv:
+        if arg in MULTI_VALUE_OPTIONS:
+            current = arg
+            out.append(arg)
+            continue
+        if current is not None and not arg.startswith("-"):
+            if out[-1] != current:
+                out.append(current)
+            out.append(arg)
+            continue
+        current = None
+        out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code (and exits with it)."""
+    from diffprobe.cli import data_commands  # noqa: F401  (registers commands)
+
+    args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
+    code = 0
+    try:
+        result = app(args, standalone_mode=False, prog_name="diffprobe")
+        code = result if isinstance(result, int) else 0
+    except DiffprobeError as e:
+        console.print(f"[bold red]error:[/] {e.format()}", highlight=False, markup=True, soft_wrap=True)
+        code = 1
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        console.print("[yellow]interrupted[/]: finished outputs are kept; rerun the same command to continue")
+        code = 130
+    if argv is None:
+        sys.exit(code)
+    return code

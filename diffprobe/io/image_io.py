@@ -1,0 +1,156 @@
+"""Reading and writing volumes with SimpleITK, with user-facing error messages.
+
+Supported: ``.nii.gz``, ``.nii``, ``.mha``, ``.mhd``, ``.nrrd`` files and DICOM series
+folders (one series per folder). Arrays are numpy (z, y, x) as SimpleITK returns them;
+geometry is kept separately (:class:`~diffprobe.io.geometry.Geometry`).
+
+nnU-Net's ``SimpleITKIO`` is not used for reading because it asserts (traceback) on the
+very problems diffprobe must report as clean messages; writing needs atomic renames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.io.geometry import Geometry
+from diffprobe.utils import atomic_path
+
+SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+@dataclass
+class Volume:
+    """A 3D array (z, y, x) with its physical geometry."""
+
+    array: np.ndarray
+    geometry: Geometry
+
+
+def geometry_of(img: sitk.Image) -> Geometry:
+    return Geometry(
+        tuple(int(v) for v in img.GetSize()),  # type: ignore[arg-type]
+        tuple(float(v) for v in img.GetSpacing()),  # type: ignore[arg-type]
+        tuple(float(v) for v in img.GetOrigin()),  # type: ignore[arg-type]
+        tuple(float(v) for v in img.GetDirection()),
+    )
+
+
+def file_ending(path: str | Path) -> str:
+    name = Path(path).name.lower()
+    for ending in SUPPORTED_ENDINGS:
+        if name.endswith(ending):
+            return ending
+    return Path(path).suffix
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise DiffprobeError("folder holds no DICOM series", folder, "point to a folder of DICOM slices")
+    if len(series) > 1:
+        raise DiffprobeError(
+            f"folder holds {len(series)} DICOM series ({', '.join(series)})",
+            folder,
+            "put each series in its own folder",
+        )
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def read_sitk(path: str | Path) -> sitk.Image:
+    """Read an image file or DICOM series folder; user errors become DiffprobeError."""
+    path = Path(path)
+    if not path.exists():
+        raise DiffprobeError("file does not exist", path, "check the path")
+    try:
+        if path.is_dir():
+            return _read_dicom_series(path)
+        return sitk.ReadImage(str(path))
+    except DiffprobeError:
+        raise
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        reason = next((ln for ln in first if "ERROR" in ln or "Exception" in ln), first[0] if first else "")
+        raise DiffprobeError(
+            f"cannot be read as an image ({reason.strip()[:200]})",
+            path,
+            "re-export the file (it may be truncated or corrupt) as .nii.gz, .mha or .nrrd",
+        ) from None
+
+
+def _check_3d(img: sitk.Image, path: Path) -> None:
+    if img.GetDimension() != 3:
+        raise DiffprobeError(
+            f"image is {img.GetDimension()}D (size {img.GetSize()}), diffprobe needs 3D volumes",
+            path,
+            "export one 3D volume per file; split 4D series into one file per channel (_0000, _0001, ...)",
+        )
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise DiffprobeError(
+            f"image has {img.GetNumberOfComponentsPerPixel()} components per voxel (RGB/vector image)",
+            path,
+            "save one scalar channel per file",
+        )
+
+
+def read_image(path: str | Path, dtype: type = np.float32) -> Volume:
+    """Read one 3D scalar image as a :class:`Volume`; refuse non-3D and non-finite data."""
+    path = Path(path)
+    img = read_sitk(path)
+    _check_3d(img, path)
+    array = sitk.GetArrayFromImage(img).astype(dtype, copy=False)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise DiffprobeError(
+            f"image contains {bad} NaN/inf voxels",
+            path,
+            "replace non-finite voxels (e.g. with the minimum HU) before export",
+        )
+    return Volume(array, geometry_of(img))
+
+
+def read_label(path: str | Path) -> Volume:
+    """Read a label map; values must be non-negative integers."""
+    path = Path(path)
+    img = read_sitk(path)
+    _check_3d(img, path)
+    array = sitk.GetArrayFromImage(img)
+    if np.issubdtype(array.dtype, np.floating) and (
+            not np.isfinite(array).all() or not np.all(np.equal(np.mod(array, 1), 0))):
+        raise DiffprobeError(
+                "label map holds non-integer values", path, "save labels as integer ids (uint8/uint16)"
+            )
+    if array.size and array.min() < 0:
+        raise DiffprobeError("label map holds negative values", path, "use ids 0..N as in dataset.json")
+    if array.size and array.max() > 255:
+        array = array.astype(np.uint16)
+    else:
+        array = array.astype(np.uint8)
+    return Volume(array, geometry_of(img))
+
+
+def to_sitk(array_zyx: np.ndarray, geometry: Geometry) -> sitk.Image:
+    img = sitk.GetImageFromArray(array_zyx)
+    img.SetSpacing(geometry.spacing)
+    img.SetOrigin(geometry.origin)
+    img.SetDirection(geometry.direction)
+    return img
+
+
+def write_image(array_zyx: np.ndarray, geometry: Geometry, path: str | Path, compress: bool = True) -> None:
+    """Write atomically; the output opens in 3D Slicer / ITK-SNAP with ``geometry``."""
+    path = Path(path)
+    img = to_sitk(array_zyx, geometry)
+    with atomic_path(path, file_ending(path)) as tmp:
+        try:
+            sitk.WriteImage(img, str(tmp), useCompression=compress)
+        except RuntimeError as e:
+            raise DiffprobeError(f"cannot write image ({str(e).strip()[:200]})", path,
+                                 "check that the folder is writable and the disk is not full") from None

@@ -1,0 +1,149 @@
+"""``plan_and_preprocess``: fingerprint (with integrity check) -> plans.json -> preprocessed cases.
+
+Outputs go to ``<preprocessed root>/DatasetXXX_Name/diffprobe/``:
+``dataset.json`` (copy), ``dataset_fingerprint.json``, ``plans.json``, ``data/``.
+
+Idempotent: the fingerprint is reused while the raw files are unchanged, an existing
+plans.json (possibly hand-edited) is kept unless ``replan`` or overrides are given, and
+finished cases are skipped unless ``clean``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffprobe import paths
+from diffprobe.dataset.cases import Case, list_cases
+from diffprobe.dataset.dataset_json import DatasetInfo, load_dataset_json
+from diffprobe.errors import DiffprobeError
+from diffprobe.fingerprint import compute_fingerprint
+from diffprobe.parallel import parallel_map
+from diffprobe.planning import planner
+from diffprobe.planning.plans import (
+    PLANS_FILENAME,
+    apply_override,
+    load_plans,
+    parse_override,
+    save_plans,
+    validate_plans,
+)
+from diffprobe.preprocessing.preprocess import preprocess_case, preprocessing_hash
+from diffprobe.preprocessing.storage import is_finished, save_case
+from diffprobe.utils import read_json, write_json
+
+FINGERPRINT_FILENAME = "dataset_fingerprint.json"
+
+
+@dataclass
+class PreprocessReport:
+    """What one run did."""
+
+    folder: Path
+    plans_path: Path
+    processed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fingerprint_reused: bool = False
+    plans_reused: bool = False
+
+
+def raw_files_signature(info: DatasetInfo, cases: list[Case]) -> str:
+    """Names, sizes and mtimes of every input file: a cheap 'did the raw data change' test."""
+    h = hashlib.sha1()
+    for f in [info.folder / "dataset.json"] + [p for c in cases for p in c.images + ([c.label] if c.label else [])]:
+        st = f.stat()
+        h.update(f"{f.relative_to(info.folder)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def _preprocess_one(case: Case, info: DatasetInfo, plans: dict, out: Path) -> str:
+    data, seg, props = preprocess_case(case, info, plans)
+    save_case(out, case.identifier, data, seg, props, plans["patch_size"])
+    return case.identifier
+
+
+def plan_and_preprocess(
+    dataset: str | int,
+    num_processes: int = 2,
+    clean: bool = False,
+    replan: bool = False,
+    plan_kwargs: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    show_progress: bool = True,
+) -> PreprocessReport:
+    """Fingerprint, plan and preprocess one raw dataset; returns what was done.
+
+    ``plan_kwargs`` are passed to :func:`diffprobe.planning.planner.plan` (e.g.
+    ``{"patch_size": [32, 64, 64], "schedule": "cosine"}``); ``overrides`` are
+    ``'dotted.key=json_value'`` edits applied to the plans afterwards.
+    """
+    raw_dir = paths.raw_dataset_dir(dataset)
+    info = load_dataset_json(raw_dir)
+    out = paths.preprocessed_root() / raw_dir.name / paths.SUBFOLDER
+    out.mkdir(parents=True, exist_ok=True)
+    cases, _ = list_cases(info, "train")
+    report = PreprocessReport(out, out / PLANS_FILENAME)
+
+    fp_path = out / FINGERPRINT_FILENAME
+    signature = raw_files_signature(info, cases)
+    fingerprint = read_json(fp_path) if fp_path.is_file() and not clean else None
+    if fingerprint and fingerprint.get("raw_files_signature") == signature:
+        report.fingerprint_reused = True
+    else:
+        fingerprint = compute_fingerprint(raw_dir, num_processes, show_progress)
+        fingerprint["raw_files_signature"] = signature
+        write_json(fp_path, fingerprint)
+    report.notes.extend(fingerprint.get("notes", []))
+    shutil.copyfile(raw_dir / "dataset.json", out / "dataset.json.tmp")
+    Path(out / "dataset.json.tmp").replace(out / "dataset.json")
+
+    plans_path = out / PLANS_FILENAME
+    if plans_path.is_file() and not (replan or clean or plan_kwargs or overrides):
+        plans = load_plans(plans_path)
+        report.plans_reused = True
+    else:
+        plans = planner.plan(fingerprint, **(plan_kwargs or {}))
+        for text in overrides or []:
+            keys, value = parse_override(text)
+            apply_override(plans, keys, value)
+        validate_plans(plans, plans_path)
+        save_plans(plans, plans_path)
+
+    data_dir = out / "data"
+    data_dir.mkdir(exist_ok=True)
+    phash = preprocessing_hash(plans)
+    todo = [c for c in cases if clean or not is_finished(data_dir, c.identifier, phash)]
+    report.skipped = [c.identifier for c in cases if c not in todo]
+    if todo:
+        report.processed = parallel_map(_preprocess_one, todo, num_processes, "preprocessing", show_progress,
+                                        extra_args=(info, plans, data_dir))
+    _remove_stale(data_dir, {c.identifier for c in cases})
+    return report
+
+
+def _remove_stale(data_dir: Path, identifiers: set[str]) -> None:
+    """Delete leftovers of interrupted writes and of cases no longer in the raw dataset."""
+    for f in data_dir.iterdir():
+        if f.name.startswith(".") and ".tmp" in f.name:
+            f.unlink(missing_ok=True)
+            continue
+        stem = next((f.name[: -len(s)] for s in ("_seg.b2nd", ".b2nd", ".json") if f.name.endswith(s)), None)
+        if stem is not None and stem not in identifiers:
+            f.unlink(missing_ok=True)
+
+
+def preprocessed_cases(dataset: str | int) -> tuple[Path, dict, list[str]]:
+    """(data folder, plans, finished case ids) of a preprocessed dataset, for later stages."""
+    out = paths.preprocessed_dir(dataset)
+    plans = load_plans(out / PLANS_FILENAME)
+    data_dir = out / "data"
+    phash = preprocessing_hash(plans)
+    ids = sorted(p.stem for p in data_dir.glob("*.json") if is_finished(data_dir, p.stem, phash))
+    if not ids:
+        raise DiffprobeError("no preprocessed cases", data_dir,
+                             f"run `diffprobe plan_and_preprocess -d {dataset}`")
+    return data_dir, plans, ids

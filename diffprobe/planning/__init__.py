@@ -1,0 +1,1 @@
+"""Planning: fingerprint -> plans.json, the single source of configuration."""

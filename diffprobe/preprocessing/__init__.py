@@ -1,0 +1,1 @@
+"""Preprocessing: crop to body, resample to the planned spacing, normalise, store."""

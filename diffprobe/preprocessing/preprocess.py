@@ -1,0 +1,131 @@
+"""Preprocess one case as planned, and invert it.
+
+Forward: canonical orientation (integrity check) -> crop to body -> resample to the target
+spacing (nnU-Net's resampling: order 3 images, order 1 labels, separate-z for anisotropic
+data) -> normalise. The properties record everything needed to go back to the raw
+file's exact grid: the original geometry, the axis map to canonical, the crop box and
+the shapes before and after resampling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+
+import numpy as np
+from nnunetv2.preprocessing.resampling.default_resampling import (
+    compute_new_shape,
+    resample_data_or_seg_to_shape,
+)
+
+from diffprobe.dataset.cases import Case
+from diffprobe.dataset.dataset_json import DatasetInfo
+from diffprobe.dataset.integrity import CheckedCase, check_case
+from diffprobe.errors import DiffprobeError
+from diffprobe.io.geometry import AxisMap, Geometry
+from diffprobe.preprocessing.cropping import bounding_box, crop, foreground_mask
+from diffprobe.preprocessing.normalization import normalize
+
+MAX_CLASS_LOCATIONS = 1000
+
+
+def preprocessing_hash(plans: dict) -> str:
+    """Hash of everything that changes preprocessed arrays (not patch or batch size)."""
+    key = json.dumps({"v": plans["plans_version"], "pre": plans["preprocessing"]}, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _resample(data: np.ndarray, new_shape: list[int], spacing: list[float], target: list[float],
+              resampling: dict, is_seg: bool) -> np.ndarray:
+    order = resampling["label_order"] if is_seg else resampling["image_order"]
+    return resample_data_or_seg_to_shape(
+        data, new_shape, spacing, target, is_seg=is_seg, order=order, order_z=resampling["order_z"],
+        force_separate_z=None, separate_z_anisotropy_threshold=resampling["anisotropy_threshold"])
+
+
+def class_locations(seg: np.ndarray, labels: list[int], seed: int) -> dict[str, list[list[int]]]:
+    """Up to MAX_CLASS_LOCATIONS voxel coordinates per foreground class (for oversampling)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for lab in labels:
+        if lab == 0:
+            continue
+        coords = np.argwhere(seg == lab)
+        if len(coords) > MAX_CLASS_LOCATIONS:
+            coords = coords[rng.choice(len(coords), MAX_CLASS_LOCATIONS, replace=False)]
+        out[str(lab)] = coords.tolist()
+    return out
+
+
+def preprocess_checked(checked: CheckedCase, info: DatasetInfo,
+                       plans: dict) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Crop, resample, normalise an integrity-checked case. Returns (data, seg, properties)."""
+    pre = plans["preprocessing"]
+    ct = [c for c in range(info.num_channels) if info.is_ct(c)]
+    mask = foreground_mask(checked.data, ct)
+    if not mask.any():
+        raise DiffprobeError("no body found (no voxel above -500 HU / no non-zero voxel)",
+                             checked.identifier, "check that the image is a CT in HU")
+    box = bounding_box(mask)
+    data = crop(checked.data, box)
+    seg = crop(checked.seg, box) if checked.seg is not None else None
+    spacing = list(reversed(checked.canonical_geometry.spacing))  # z, y, x
+    target = pre["target_spacing"]
+    new_shape = [int(v) for v in compute_new_shape(data.shape[1:], spacing, target)]
+    new_shape = [max(1, v) for v in new_shape]
+    data = _resample(data, new_shape, spacing, target, pre["resampling"], is_seg=False).astype(np.float32)
+    if seg is not None:
+        seg = _resample(seg[None], new_shape, spacing, target, pre["resampling"], is_seg=True)[0]
+        seg = seg.astype(np.uint8 if seg.max(initial=0) < 256 else np.uint16)
+    data = normalize(data, pre["normalization"])
+    props = {
+        "identifier": checked.identifier,
+        "preprocessing_hash": preprocessing_hash(plans),
+        "labelled": seg is not None,
+        "axis_order": "z, y, x (canonical)",
+        "original_geometry": checked.original_geometry.to_dict(),
+        "axis_map_to_canonical": checked.axis_map.to_dict(),
+        "canonical_geometry": checked.canonical_geometry.to_dict(),
+        "shape_before_crop": list(checked.data.shape[1:]),
+        "bbox": box,
+        "shape_after_crop": [hi - lo for lo, hi in box],
+        "spacing_before_resampling": spacing,
+        "target_spacing": list(target),
+        "shape_after_resampling": new_shape,
+        "class_locations": class_locations(seg, sorted(info.label_values), zlib.crc32(checked.identifier.encode()))
+        if seg is not None else None,
+        "notes": checked.notes,
+    }
+    return data, seg, props
+
+
+def preprocess_case(case: Case, info: DatasetInfo, plans: dict) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Read, check and preprocess one raw case."""
+    checked, problems = check_case(case, info)
+    if checked is None:
+        first = problems[0]
+        raise DiffprobeError(first.what, first.file, first.fix)
+    return preprocess_checked(checked, info, plans)
+
+
+def revert_to_original(array_zyx: np.ndarray, props: dict, is_seg: bool, fill_value: float = 0,
+                       resampling: dict | None = None) -> tuple[np.ndarray, Geometry]:
+    """Map an array on the preprocessed grid back onto the raw file's grid.
+
+    Undo resampling (to the cropped shape), undo the crop (``fill_value`` outside), undo the
+    canonical reorientation. Returns the array in the raw file's (z, y, x) layout and the
+    geometry to write it with.
+    """
+    resampling = resampling or {"image_order": 3, "label_order": 1, "order_z": 0, "anisotropy_threshold": 3.0}
+    cropped_shape = props["shape_after_crop"]
+    x = array_zyx[None]
+    if list(x.shape[1:]) != list(cropped_shape):
+        x = _resample(x.astype(np.float32) if not is_seg else x, cropped_shape, props["target_spacing"],
+                      props["spacing_before_resampling"], resampling, is_seg=is_seg)
+    dtype = array_zyx.dtype
+    full = np.full(props["shape_before_crop"], fill_value, dtype=dtype)
+    sl = tuple(slice(lo, hi) for lo, hi in props["bbox"])
+    full[sl] = x[0].astype(dtype, copy=False)
+    amap = AxisMap.from_dict(props["axis_map_to_canonical"])
+    return amap.inverse().apply(full), Geometry.from_dict(props["original_geometry"])
