@@ -85,6 +85,27 @@ def read_sitk(path: str | Path) -> sitk.Image:
         ) from None
 
 
+def _verify_nifti(path: Path) -> None:
+    """Catch what ITK's NIfTI reader hides: truncated files (zero-filled) and NaNs (read as 0).
+
+    nibabel reads the raw voxel block and raises on a short file; its values are checked for
+    non-finite entries.
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises several types for short/corrupt files
+        raise DiffprobeError(
+            f"file is truncated or corrupt ({type(e).__name__}: {str(e)[:160]})", path,
+            "re-export or re-download the file; the copy on disk is incomplete") from None
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise DiffprobeError(f"image contains {bad} NaN/inf voxels", path,
+                             "replace non-finite voxels (e.g. with the minimum HU) before export")
+
+
 def _check_3d(img: sitk.Image, path: Path) -> None:
     if img.GetDimension() != 3:
         raise DiffprobeError(
@@ -105,6 +126,8 @@ def read_image(path: str | Path, dtype: type = np.float32) -> Volume:
     path = Path(path)
     img = read_sitk(path)
     _check_3d(img, path)
+    if file_ending(path) in (".nii", ".nii.gz"):
+        _verify_nifti(path)
     array = sitk.GetArrayFromImage(img).astype(dtype, copy=False)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
@@ -121,6 +144,8 @@ def read_label(path: str | Path) -> Volume:
     path = Path(path)
     img = read_sitk(path)
     _check_3d(img, path)
+    if file_ending(path) in (".nii", ".nii.gz"):
+        _verify_nifti(path)
     array = sitk.GetArrayFromImage(img)
     if np.issubdtype(array.dtype, np.floating) and (
             not np.isfinite(array).all() or not np.all(np.equal(np.mod(array, 1), 0))):
