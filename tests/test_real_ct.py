@@ -2,10 +2,9 @@
 
 import json
 
-import numpy as np
 import pytest
-
 from conftest import SHARED_REAL_CT
+
 from diffprobe.dataset import list_cases, load_dataset_json
 from diffprobe.dataset.integrity import check_case
 from diffprobe.io.image_io import read_image, read_label

@@ -5,9 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-import click
 import typer
 from rich.console import Console
+
+try:  # typer >= 0.20 vendors click; its exceptions live in typer._click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import ClickException
 
 from diffprobe.errors import DiffprobeError
 
@@ -69,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     except DiffprobeError as e:
         console.print(f"[bold red]error:[/] {e.format()}", highlight=False, markup=True, soft_wrap=True)
         code = 1
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         code = e.exit_code
-    except click.ClickException as e:
+    except ClickException as e:
         e.show()
         code = e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]: finished outputs are kept; rerun the same command to continue")
         code = 130
     if argv is None:

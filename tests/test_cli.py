@@ -1,0 +1,48 @@
+"""CLI conventions: help with examples, underscore and hyphen names, nnU-Net style multi-value -d."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import make_raw_dataset
+
+from diffprobe.cli.app import expand_multi_value_options, main
+
+COMMANDS = ["make_phantoms", "plan_and_preprocess"]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_has_example(name, capsys):
+    assert main([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Example" in out and f"diffprobe {name}" in out
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_hyphenated_alias(name, capsys):
+    assert main([name.replace("_", "-"), "--help"]) == 0
+
+
+def test_expand_multi_value_options():
+    assert expand_multi_value_options(["plan_and_preprocess", "-d", "1", "2", "003", "-np", "4"]) == [
+        "plan_and_preprocess", "-d", "1", "-d", "2", "-d", "003", "-np", "4"]
+    assert expand_multi_value_options(["x", "-d", "1", "--clean"]) == ["x", "-d", "1", "--clean"]
+
+
+def test_plan_and_preprocess_several_datasets(roots, capsys):
+    make_raw_dataset(roots["raw"], dataset_id=5, name="A")
+    make_raw_dataset(roots["raw"], dataset_id=6, name="B")
+    assert main(["plan_and_preprocess", "-d", "5", "Dataset006_B", "-np", "1"]) == 0
+    for name in ("Dataset005_A", "Dataset006_B"):
+        assert (roots["preprocessed"] / name / "diffprobe" / "plans.json").is_file()
+
+
+def test_unknown_dataset_clean_error(roots):
+    res = subprocess.run([sys.executable, "-m", "diffprobe", "plan_and_preprocess", "-d", "42"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1
+    assert "no dataset with id 042" in res.stderr and "fix:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_option_exit_code(roots):
+    assert main(["plan_and_preprocess", "--no-such-option"]) == 2
