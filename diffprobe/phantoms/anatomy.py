@@ -1,0 +1,402 @@
+"""Anatomical model of the synthetic CT phantom: shapes, positions and HU values.
+
+Everything here lives in a *body reference frame* (mm): ``u`` = patient left, ``v`` = posterior,
+``w`` = superior, with the torso always the ellipse ``(u/40)^2 + (v/28)^2 = 1`` and ``w = 0`` at
+the apex of the diaphragm.  The generator maps voxel centres into this frame (per-case scale,
+rotation, offset and a smooth random deformation), so the anatomy below is written once, in
+body-normalised coordinates, and stays anatomically consistent for every case.  The cranio-caudal
+axis is deliberately stretched relative to the in-plane axes (a vertebra is ~22 mm tall while the
+torso is 80 mm wide) so that a short CPU-sized scan still spans several vertebrae and organs.
+
+Intensities are non-contrast CT: organ HU ranges overlap each other and the surrounding muscle on
+purpose (kidneys, adrenal, aorta and muscle all sit within 30-50 HU; the two kidneys are
+identical), so a segmenter has to use shape and position, not intensity thresholds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy.ndimage import binary_dilation
+
+LABELS: dict[str, int] = {
+    "background": 0,
+    "liver": 1,
+    "spleen": 2,
+    "kidney_right": 3,
+    "kidney_left": 4,
+    "aorta": 5,
+    "adrenal_right": 6,
+}
+
+# Painting order: a later structure overwrites an earlier one where shapes overlap, so priority
+# rises along the tuple (adrenal > kidneys > aorta > spleen > liver).  "ivc" is an unlabelled
+# vessel of soft-tissue density next to the aorta: a same-intensity distractor.
+PAINT_ORDER: tuple[str, ...] = ("liver", "ivc", "spleen", "aorta", "kidney_right", "kidney_left",
+                                "adrenal_right")
+
+BODY_SEMI_AXES: tuple[float, float] = (40.0, 28.0)  # reference torso semi-axes (LR, AP), mm
+
+# Nominal tissue HU and the per-case standard deviation of the tissue's mean value.
+TISSUE_HU: dict[str, tuple[float, float]] = {
+    "air": (-1000.0, 0.0),
+    "lung": (-850.0, 20.0),
+    "fat": (-100.0, 6.0),
+    "visceral_fat": (-90.0, 6.0),
+    "soft_tissue": (40.0, 4.0),
+    "muscle_wall": (48.0, 4.0),
+    "disc": (80.0, 6.0),
+    "csf": (15.0, 4.0),
+    "cancellous": (320.0, 30.0),
+    "cortical": (850.0, 60.0),
+    "posterior_elements": (600.0, 50.0),
+    "rib": (600.0, 50.0),
+    "liver": (55.0, 3.0),
+    "ivc": (40.0, 3.0),
+    "spleen": (48.0, 3.0),
+    "kidney": (35.0, 2.5),
+    "aorta": (42.0, 3.0),
+    "adrenal_right": (30.0, 2.5),
+}
+# Hard limits for the sampled per-case means (keeps e.g. liver within 55 +- 8 HU).
+_HU_CLIP: dict[str, tuple[float, float]] = {
+    "soft_tissue": (30.0, 55.0), "cortical": (700.0, 1000.0), "cancellous": (250.0, 400.0),
+    "liver": (47.0, 63.0), "kidney": (30.0, 40.0), "adrenal_right": (25.0, 35.0),
+}
+
+_VB_CENTRE_V, _VB_SEMI = 11.0, (6.2, 5.2)  # vertebral body (u semi, v semi)
+_CANAL_V, _CANAL_R, _ARCH_R = 19.2, 2.6, 4.4  # spinal canal and posterior arch
+_LUNG_U, _LUNG_V, _LUNG_SEMI = 21.0, 3.0, (14.0, 19.0)  # lobe centres at u = +-21
+_RIB_LOWEST_W = -75.0  # lowest ribs (rib cage covers liver and spleen)
+
+
+@dataclass(frozen=True)
+class Ellipsoid:
+    """Ellipsoid rotated by ``yaw_deg`` about w, then tilted by ``tilt_deg`` in its local x-w plane."""
+
+    centre: tuple[float, float, float]
+    semi: tuple[float, float, float]
+    yaw_deg: float = 0.0
+    tilt_deg: float = 0.0
+
+    def level(self, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Implicit function: < 1 inside, 1 on the surface."""
+        cy, sy = math.cos(math.radians(self.yaw_deg)), math.sin(math.radians(self.yaw_deg))
+        ct, st = math.cos(math.radians(self.tilt_deg)), math.sin(math.radians(self.tilt_deg))
+        du, dv, dw = u - self.centre[0], v - self.centre[1], w - self.centre[2]
+        x1 = cy * du + sy * dv
+        y1 = (-sy) * du + cy * dv
+        x2 = ct * x1 + st * dw
+        z2 = (-st) * x1 + ct * dw
+        a, b, c = self.semi
+        return (x2 / a) ** 2 + (y1 / b) ** 2 + (z2 / c) ** 2
+
+    def grown(self, mm: float) -> Ellipsoid:
+        return replace(self, semi=tuple(s + mm for s in self.semi))
+
+    def axis(self, which: str) -> np.ndarray:
+        """Unit vector (u, v, w) of the local ``"x"`` or ``"z"`` axis, e.g. to place a kidney's poles."""
+        cy, sy = math.cos(math.radians(self.yaw_deg)), math.sin(math.radians(self.yaw_deg))
+        ct, st = math.cos(math.radians(self.tilt_deg)), math.sin(math.radians(self.tilt_deg))
+        if which == "x":
+            return np.array([ct * cy, ct * sy, st])
+        return np.array([-st * cy, -st * sy, ct])
+
+    @property
+    def w_range(self) -> tuple[float, float]:
+        r = max(self.semi)
+        return self.centre[2] - r, self.centre[2] + r
+
+
+@dataclass(frozen=True)
+class Tube:
+    """Vertical vessel of circular section between ``w_bottom`` and ``w_top`` (aorta, IVC)."""
+
+    centre_uv: tuple[float, float]
+    radius: float
+    w_bottom: float
+    w_top: float = math.inf
+
+    def level(self, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+        q = ((u - self.centre_uv[0]) ** 2 + (v - self.centre_uv[1]) ** 2) / self.radius**2
+        return np.where((w >= self.w_bottom) & (w <= self.w_top), q, np.float32(np.inf))
+
+    def grown(self, mm: float) -> Tube:
+        return replace(self, radius=self.radius + mm, w_bottom=self.w_bottom - mm, w_top=self.w_top + mm)
+
+    @property
+    def w_range(self) -> tuple[float, float]:
+        return self.w_bottom, self.w_top
+
+
+Shape = Ellipsoid | Tube
+
+
+@dataclass(frozen=True)
+class OrganModel:
+    """One painted structure: the union of ``parts`` plus an optional fat capsule.
+
+    Every organ gets a soft-tissue rind ``halo_gap_mm`` thick (fascia, vessel wall) in place of any
+    background fat, and organs with ``halo_mm`` a fat capsule out to that distance beyond it: the
+    organ stays visible against fat, but the in-plane partial-volume blur does not drag its
+    boundary voxels towards fat HU, which with only 5-15 voxels across a kidney would bias its
+    whole intensity distribution.  Rind and capsule only replace background, never other organs.
+    """
+
+    name: str
+    parts: tuple[Shape, ...]
+    hu: float
+    halo_mm: float = 0.0
+    halo_gap_mm: float = 1.2
+    below_diaphragm: bool = True
+
+    @property
+    def label(self) -> int:
+        return LABELS.get(self.name, 0)
+
+    @property
+    def w_range(self) -> tuple[float, float]:
+        lo = min(p.w_range[0] for p in self.parts)
+        hi = max(p.w_range[1] for p in self.parts)
+        return lo - self.halo_mm, hi + self.halo_mm
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Per-case anatomy in the reference frame (all lengths in reference mm)."""
+
+    organs: dict[str, OrganModel]
+    hu: dict[str, float]
+    fat_mm: float
+    wall_mm: float
+    dome_right: float
+    dome_left: float
+    vert_period: float
+    vert_phase: float
+    disc_frac: float
+    rib_drop: float
+    visceral_fat_threshold: float
+
+
+def _jitter(rng: np.random.Generator, sd: float, lim: float) -> float:
+    return float(np.clip(rng.normal(0.0, sd), -lim, lim))
+
+
+def _organ_shape(rng: np.random.Generator, centre: tuple[float, float, float], semi: tuple[float, float, float],
+                 yaw: float = 0.0, tilt: float = 0.0, scale: float | None = None, w_jitter: float = 2.5) -> Ellipsoid:
+    """Nominal ellipsoid with per-case size scaling (+-15 %), position (few mm) and angle jitter."""
+    f = rng.uniform(0.85, 1.15) if scale is None else scale
+    semi = tuple(float(s * f * rng.uniform(0.95, 1.05)) for s in semi)
+    centre = (centre[0] + _jitter(rng, 1.5, 3.5), centre[1] + _jitter(rng, 1.5, 3.5),
+              centre[2] + _jitter(rng, w_jitter, 2.0 * w_jitter))
+    return Ellipsoid(centre, semi, yaw + _jitter(rng, 4.0, 8.0), tilt + _jitter(rng, 3.0, 6.0))
+
+
+def sample_anatomy(rng: np.random.Generator, vert_period: float = 22.0) -> Anatomy:
+    """Draw one case's anatomy: organ shapes/positions and tissue HU means.
+
+    ``vert_period`` is given by the caller in reference mm so that the world-space vertebra height
+    stays in the anatomical 20-25 mm band whatever the body scale.
+    """
+    hu = {}
+    for name, (mean, sd) in TISSUE_HU.items():
+        lo, hi = _HU_CLIP.get(name, (mean - 3 * sd, mean + 3 * sd))
+        hu[name] = float(np.clip(rng.normal(mean, sd), lo, hi))
+
+    liver_f = rng.uniform(0.85, 1.15)
+    liver = OrganModel("liver", (
+        _organ_shape(rng, (-16.0, -3.0, -36.0), (18.0, 18.0, 42.0), scale=liver_f),   # right lobe
+        _organ_shape(rng, (6.0, -12.0, -22.0), (16.0, 9.0, 22.0), scale=liver_f),     # left lobe
+    ), hu["liver"])
+    spleen = OrganModel("spleen", (_organ_shape(rng, (20.0, 8.0, -24.0), (6.0, 12.0, 18.0), yaw=42.0),),
+                        hu["spleen"])
+    aorta_r = 3.6 * rng.uniform(0.9, 1.1)
+    aorta = OrganModel("aorta", (Tube((4.5 + _jitter(rng, 0.7, 1.5), 1.5 + _jitter(rng, 0.7, 1.5)), aorta_r,
+                                      -120.0 + _jitter(rng, 5.0, 10.0)),),
+                       hu["aorta"], halo_mm=2.2, below_diaphragm=False)
+    ivc = OrganModel("ivc", (Tube((-5.0 + _jitter(rng, 0.5, 1.0), 0.0 + _jitter(rng, 0.5, 1.0)),
+                                  3.3 * rng.uniform(0.9, 1.1), -125.0, 10.0),),
+                     hu["ivc"], below_diaphragm=False)
+
+    # Kidneys: mirror images, long in-plane axis from posterolateral to anteromedial, upper pole
+    # tilted medially; the left kidney sits 5-12 mm higher than the right, as in real anatomy (the
+    # height jitter is mostly shared so that the order never flips).
+    kidney_w = -68.0 + _jitter(rng, 3.0, 6.0)
+    kidneys = {}
+    for name, side, w0 in (("kidney_right", -1.0, kidney_w), ("kidney_left", 1.0, kidney_w + rng.uniform(5, 12))):
+        shape = _organ_shape(rng, (14.5 * side, 9.0, w0), (7.5, 5.2, 25.0), yaw=35.0 * side, tilt=10.0 * side,
+                             w_jitter=1.0)
+        kidneys[name] = OrganModel(name, (shape,), hu["kidney"], halo_mm=3.5)
+
+    # Right adrenal: a thin plate just above and medial of the right kidney's upper pole.
+    kr = kidneys["kidney_right"].parts[0]
+    pole = np.array(kr.centre) + kr.semi[2] * kr.axis("z")
+    adrenal = OrganModel("adrenal_right", (_organ_shape(
+        rng, (pole[0] + 1.5, pole[1] - 2.5, pole[2] + 4.5), (2.2, 5.0, 7.5), yaw=-20.0),), hu["adrenal_right"],
+        halo_mm=2.5, halo_gap_mm=1.0)
+
+    organs = {"liver": liver, "ivc": ivc, "spleen": spleen, "aorta": aorta, **kidneys, "adrenal_right": adrenal}
+    return Anatomy(
+        organs=organs, hu=hu,
+        fat_mm=rng.uniform(3.0, 6.0), wall_mm=rng.uniform(3.0, 4.0),
+        dome_right=4.0 + _jitter(rng, 1.5, 3.0), dome_left=0.0 + _jitter(rng, 1.5, 3.0),
+        vert_period=vert_period, vert_phase=rng.uniform(0.0, vert_period), disc_frac=rng.uniform(0.18, 0.24),
+        rib_drop=rng.uniform(10.0, 16.0), visceral_fat_threshold=rng.uniform(0.8, 1.3),
+    )
+
+
+def diaphragm_distance(anat: Anatomy, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Signed distance (mm, + above) to the diaphragm surface w = D(u, v).
+
+    D has two domes (the right one higher), dips at the costophrenic recesses and under the heart.
+    Using the distance along the surface normal rather than w - D keeps the diaphragm muscle
+    equally thick where the dome is steep, so lung never touches liver/spleen within a slice.
+    """
+    mid = 0.5 * (anat.dome_right + anat.dome_left)
+    half = 0.5 * (anat.dome_left - anat.dome_right)
+    th = np.tanh(u / 6.0)
+    au = np.abs(u) - 18.0
+    dome = mid + half * th - 10.0 * (au / 16.0) ** 2 - 8.0 * ((v - 2.0) / 22.0) ** 2
+    du = (half / 6.0) * (1.0 - th * th) - (20.0 / 256.0) * au * np.sign(u)
+    dv = (-16.0 / 484.0) * (v - 2.0)
+    return (w - dome) / np.sqrt(1.0 + du * du + dv * dv)
+
+
+@dataclass
+class BodyFrame:
+    """Voxel centres mapped into the reference frame (float32 arrays, shape (z, y, x)).
+
+    ``w_slice`` is each slice's undeformed w and ``w_margin`` bounds the deformation along w, so a
+    structure confined to a w-interval only needs evaluating on a slab of slices (a large saving:
+    most organs span a fraction of the scan).
+    """
+
+    u: np.ndarray
+    v: np.ndarray
+    w: np.ndarray
+    w_slice: np.ndarray
+    w_margin: float
+
+    def slab(self, lo: float, hi: float) -> slice:
+        idx = np.nonzero((self.w_slice >= lo - self.w_margin) & (self.w_slice <= hi + self.w_margin))[0]
+        return slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
+
+
+def _spine_and_ribs(anat: Anatomy, u: np.ndarray, v: np.ndarray, w: np.ndarray,
+                    depth: np.ndarray) -> tuple[list[tuple[np.ndarray, float]], np.ndarray]:
+    """Bone masks with their HU (painted in list order) and the union that organs must avoid."""
+    H, P = anat.hu, anat.vert_period
+    phase = np.mod(w - anat.vert_phase, P) * (1.0 / P)
+    disc = phase < anat.disc_frac
+    endplate_mm = np.minimum(phase - anat.disc_frac, 1.0 - phase) * P
+    vb_q = (u / _VB_SEMI[0]) ** 2 + ((v - _VB_CENTRE_V) / _VB_SEMI[1]) ** 2
+    vertebra = (vb_q <= 1.0) & ~disc
+    cortical = vertebra & (((1.0 - np.sqrt(vb_q)) * _VB_SEMI[1] < 1.2) | (endplate_mm < 1.0))
+    disc_mask = disc & (vb_q <= 1.08)
+
+    rc = np.sqrt(u * u + (v - _CANAL_V) ** 2)
+    canal = rc < _CANAL_R
+    au = np.abs(u)
+    posterior = ((rc < _ARCH_R) & ~canal) | ((au < 1.3) & (v > _CANAL_V + 3.5) & (depth > anat.fat_mm + 0.5))
+    posterior |= (np.abs(v - 18.5) < 1.3) & (au >= 3.0) & (au < 11.0)
+    posterior &= ~disc
+
+    # Ribs: a band just inside the fat layer, sloping down anteriorly, absent at the sternum/spine.
+    w_rib = w + anat.rib_drop * (1.0 - v / BODY_SEMI_AXES[1]) * 0.5
+    rib = (np.mod(w_rib - anat.vert_phase - 0.5 * P, P) < 0.16 * P) & (w_rib > _RIB_LOWEST_W)
+    rib &= (depth >= anat.fat_mm + 0.5) & (depth < anat.fat_mm + 3.0) & (au >= 9.0)
+
+    bones = [(disc_mask, H["disc"]), (vertebra & ~cortical, H["cancellous"]), (cortical, H["cortical"]),
+             (posterior, H["posterior_elements"]), (canal, H["csf"]), (rib, H["rib"])]
+    occupied = disc_mask | vertebra | posterior | canal | rib
+    return bones, occupied
+
+
+def render_anatomy(anat: Anatomy, frame: BodyFrame, fat_field: np.ndarray, texture: np.ndarray,
+                   voxel_ref_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Paint tissue HU (float32, noise-free) and organ labels (uint8) at the frame's voxels.
+
+    ``fat_field`` and ``texture`` are smooth unit-variance random fields on the same grid: the first
+    is thresholded into visceral fat patches, the second adds low-frequency parenchymal texture
+    (it is modified in place).  Organs are clipped to the body cavity, kept out of bone and, except
+    vessels, below the diaphragm, so every labelled voxel is inside the body.
+
+    ``voxel_ref_mm`` is the in-plane voxel size in reference mm: fat capsules' soft-tissue gap and
+    fat shell are widened to at least one voxel each, so that at coarse resolution the gap still
+    shields organ HU from the blur and the fat stays visible.
+    """
+    u, v, w = frame.u, frame.v, frame.w
+    H = anat.hu
+    a, b = BODY_SEMI_AXES
+    qa, qb = u / a, v / b
+    # First-order distance to the skin (mm, positive inside): -f / |grad f| for f = qa^2 + qb^2 - 1.
+    depth = (1.0 - qa * qa - qb * qb) / (2.0 * np.sqrt((qa / a) ** 2 + (qb / b) ** 2) + 1e-3)
+    body = depth > 0
+    inner = anat.fat_mm + anat.wall_mm
+    cavity = depth >= inner
+    hu = np.full(u.shape, H["air"], np.float32)
+    hu[body] = H["fat"]
+    hu[depth >= anat.fat_mm] = H["muscle_wall"]
+    hu[cavity] = H["soft_tissue"]
+    # Diaphragm muscle (soft tissue) of at least ~1.5 voxels between lung and abdominal organs.
+    half_dia = 0.5 * max(3.0, 1.5 * voxel_ref_mm)
+    dia = diaphragm_distance(anat, u, v, w)
+    below = dia < -half_dia
+    hu[cavity & below & (fat_field > anat.visceral_fat_threshold) & (depth >= inner + 1.5)] = H["visceral_fat"]
+
+    lung = np.zeros(u.shape, bool)
+    s = frame.slab(-45.0, math.inf)
+    lobe = ((np.abs(u[s]) - _LUNG_U) / _LUNG_SEMI[0]) ** 2 + ((v[s] - _LUNG_V) / _LUNG_SEMI[1]) ** 2 <= 1.0
+    for organ in anat.organs.values():  # the mediastinum keeps room for the great vessels
+        if not organ.below_diaphragm:
+            grow = organ.halo_mm + 3.0 * voxel_ref_mm + 1.0
+            lobe &= np.minimum.reduce([p.grown(grow).level(u[s], v[s], w[s]) for p in organ.parts]) > 1.0
+    lung[s] = lobe & (dia[s] > half_dia) & (depth[s] >= inner + 0.5)
+    hu[lung] = H["lung"]
+
+    bones, bone = _spine_and_ribs(anat, u, v, w, depth)
+    for mask, value in bones:
+        hu[mask] = value
+    # Organs keep one voxel of soft tissue from bone (periosteum, psoas), for the same blur reason.
+    bone_margin = binary_dilation(bone, structure=np.ones((1, 3, 3), bool))
+
+    label = np.zeros(u.shape, np.uint8)
+    rind = np.zeros(u.shape, bool)  # earlier organs' rinds, which later fat capsules must not cover
+    for name in PAINT_ORDER:
+        organ = anat.organs[name]
+        lo, hi = organ.w_range
+        s = frame.slab(lo - 3.0 * voxel_ref_mm, hi + 3.0 * voxel_ref_mm)
+        if s.stop <= s.start:
+            continue
+        us, vs, ws, hs, ls = u[s], v[s], w[s], hu[s], label[s]
+        allowed = cavity[s] & ~bone[s] & ~lung[s]
+        if organ.below_diaphragm:
+            allowed &= below[s]
+
+        def level(grow: float, organ=organ, us=us, vs=vs, ws=ws) -> np.ndarray:
+            return np.minimum.reduce([(p.grown(grow) if grow else p).level(us, vs, ws) for p in organ.parts])
+
+        mask = (level(0.0) <= 1.0) & allowed & ~bone_margin[s]
+        # A soft-tissue rind (fascia, vessel wall) keeps fat - visceral patches or capsules - and the
+        # denser liver/spleen from touching the organ, so in-plane blur does not bias its HU
+        # distribution; the fat capsule outside it only replaces background.
+        free = allowed & ~mask
+        gap_mm = max(organ.halo_gap_mm, 1.5 * voxel_ref_mm)
+        near = free & (level(gap_mm) <= 1.0) & (ls <= (LABELS["spleen"] if organ.label else 0))
+        if organ.halo_mm > 0:
+            shell = free & ~near & (ls == 0) & ~rind[s]
+            shell &= level(max(organ.halo_mm, gap_mm + 1.2 * voxel_ref_mm)) <= 1.0
+            hs[shell] = H["visceral_fat"]
+        hs[near] = H["soft_tissue"]
+        ls[near] = 0
+        rind[s] |= near
+        hs[mask] = organ.hu
+        ls[mask] = organ.label
+
+    texture *= 4.0
+    texture[lung] *= 4.5
+    texture[~body] = 0.0
+    hu += texture
+    return hu, label
