@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import body_volume, make_raw_dataset, write_sitk
+
 from diffprobe.errors import DiffprobeError, IntegrityError
 from diffprobe.fingerprint import compute_fingerprint
 

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_raw_dataset
+
 from diffprobe.errors import DiffprobeError
 from diffprobe.fingerprint import compute_fingerprint
 from diffprobe.planning import planner
@@ -25,7 +25,7 @@ def test_fingerprint_anisotropic(aniso_fingerprint):
     assert fp["num_cases"] == 3 and fp["num_labelled"] == 2
     ct = fp["foreground_intensity_properties_per_channel"]["0"]
     # body mask excludes air: intensities come from fat/soft tissue/organs
-    assert -150 < ct["percentile_00_5"] and ct["percentile_99_5"] < 120 and ct["min"] > -500
+    assert ct["percentile_00_5"] > -150 and ct["percentile_99_5"] < 120 and ct["min"] > -500
     # cropping to the body shrinks the in-plane extent
     assert all(a[2] < b[2] for a, b in zip(fp["shapes_after_crop"], fp["shapes_before_crop"]))
     assert fp["class_voxel_counts"]["left"] > 0

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import body_volume, make_raw_dataset, write_sitk
+
 from diffprobe.io.image_io import read_image, read_label, write_image
 from diffprobe.plan_and_preprocess import plan_and_preprocess, preprocessed_cases
 from diffprobe.preprocessing.normalization import denormalize_ct
