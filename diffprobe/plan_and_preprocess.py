@@ -105,6 +105,9 @@ def plan_and_preprocess(
     if plans_path.is_file() and not (replan or clean or plan_kwargs or overrides):
         plans = load_plans(plans_path)
         report.plans_reused = True
+        if not report.fingerprint_reused:
+            report.notes.append("the raw data changed since plans.json was written; it was kept (it may hold "
+                                "your edits): use --replan to plan again")
     else:
         plans = planner.plan(fingerprint, **(plan_kwargs or {}))
         for text in overrides or []:

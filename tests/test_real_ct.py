@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from conftest import SHARED_REAL_CT
 
@@ -50,3 +51,14 @@ def test_plan_and_preprocess_real_ct(real_ct_dataset):
     liver = plans["labels"]["liver"]
     hu = (data[0][seg == liver] + 1) / 2 * 2350 - 1350
     assert 70 <= hu.mean() <= 110
+
+
+def test_dicom_series_reads_like_nifti():
+    from diffprobe.io.image_io import read_image
+
+    dicom = read_image(SHARED_REAL_CT / "dicom")
+    nifti = read_image(SHARED_REAL_CT / "abdomen_dicom_0000.nii.gz")
+    assert dicom.array.shape == nifti.array.shape == (20, 512, 512)
+    np.testing.assert_allclose(dicom.geometry.spacing, nifti.geometry.spacing, atol=1e-4)
+    np.testing.assert_allclose(dicom.geometry.origin, nifti.geometry.origin, atol=1e-3)
+    np.testing.assert_array_equal(dicom.array, nifti.array)
