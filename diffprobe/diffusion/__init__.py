@@ -1,0 +1,5 @@
+"""DDPM: forward process, ε-prediction loss, DDPM and DDIM samplers."""
+
+from diffprobe.diffusion.ddpm import GaussianDiffusion
+
+__all__ = ["GaussianDiffusion"]
