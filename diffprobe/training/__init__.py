@@ -1,0 +1,1 @@
+"""One small trainer shared by BPR, diffusion and probe training."""

@@ -1,0 +1,223 @@
+"""The shared training loop: small on purpose.
+
+What it does and nothing more: AdamW, warm-up + cosine/poly LR, gradient clipping, AMP
+(bf16 autocast on CUDA, fp32 on CPU), optional EMA weights, ``checkpoint_latest`` every N
+steps and ``checkpoint_final``, exact resume (model, optimiser, scheduler, EMA, step, RNG
+states) that may extend the step budget, a stop with a clear message on a non-finite loss
+(the last good checkpoint is kept), a JSON-lines log, a loss-curve PNG and a progress bar.
+
+Stage-specific work stays outside: the caller passes ``loss_fn(model, batch, step)`` and a
+``batches(start_step)`` iterator. Randomness that affects the result is expected to come
+from generators seeded by (seed, step, rank) inside those callables, which makes resumed
+runs equal uninterrupted ones regardless of worker processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.parallel import progress_bar
+from diffprobe.training import distributed as dist_utils
+from diffprobe.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # or "poly"
+    grad_clip: float = 1.0
+    ema_decay: float | None = None
+    checkpoint_every: int = 500
+    log_every: int = 10
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    seed: int = 0
+    samples_per_step: int = 1  # for patches/s reporting
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in checkpoints (preset, stage, plans...)
+
+
+def lr_factor(step: int, cfg: TrainerConfig) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(cfg.total_steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    if cfg.lr_schedule == "poly":
+        return (1 - progress) ** 0.9
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, m in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(m.detach(), 1 - self.decay)
+            else:
+                e.copy_(m)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, config: TrainerConfig, out_dir: str | Path,
+                 device: torch.device | str = "cpu", name: str = "model"):
+        self.cfg = config
+        self.device = torch.device(device)
+        self.out_dir = Path(out_dir)
+        self.name = name
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn
+        self.wrapped = dist_utils.wrap_ddp(self.model, self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.cfg))
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay else None
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+
+    # ---- files -------------------------------------------------------------------------
+    @property
+    def latest_path(self) -> Path:
+        return self.out_dir / "checkpoint_latest.pt"
+
+    @property
+    def final_path(self) -> Path:
+        return self.out_dir / "checkpoint_final.pt"
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "config": json.loads(json.dumps(asdict(self.cfg))),
+            "history": self.history,
+        }
+
+    def save(self, path: Path) -> None:
+        if dist_utils.is_main_process():
+            save_checkpoint(path, self._payload())
+        dist_utils.barrier()
+
+    def resume(self) -> bool:
+        """Load ``checkpoint_latest`` if present. The configured total_steps may exceed the saved one."""
+        path = self.final_path if self.final_path.is_file() else self.latest_path
+        if not path.is_file():
+            return False
+        ckpt = load_checkpoint(path, self.device)
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema and ckpt.get("ema") is not None:
+            self.ema.model.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+        self.history = list(ckpt.get("history", []))
+        return True
+
+    # ---- loop --------------------------------------------------------------------------
+    def _autocast(self):
+        enabled = self.cfg.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def fit(self, batches: Callable[[int], Iterator[Any]], show_progress: bool = True) -> list[dict[str, float]]:
+        """Train from ``self.step`` to ``cfg.total_steps``; ``batches(start)`` yields the batch of each step."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.step >= self.cfg.total_steps:
+            return self.history
+        self.model.train()
+        it = batches(self.step)
+        main = dist_utils.is_main_process()
+        t_start, samples_done = time.perf_counter(), 0
+        with progress_bar() as progress:
+            task = progress.add_task(f"{self.name}", total=self.cfg.total_steps, completed=self.step,
+                                     visible=show_progress and main)
+            while self.step < self.cfg.total_steps:
+                batch = next(it)
+                with self._autocast():
+                    loss, metrics = self.loss_fn(self.wrapped, batch, self.step)
+                if not torch.isfinite(loss.detach()).all():
+                    raise DiffprobeError(
+                        f"{self.name}: loss became {loss.item()} at step {self.step}; training stopped, the last good "
+                        f"checkpoint ({self.latest_path.name}) is kept", self.out_dir,
+                        "lower the learning rate (or check the data for extreme values) and resume with --c")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.ema:
+                    self.ema.update(self.model)
+                self.step += 1
+                samples_done += self.cfg.samples_per_step
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
+                    elapsed = time.perf_counter() - t_start
+                    record = {"step": self.step, "loss": float(loss.item()), "lr": self.scheduler.get_last_lr()[0],
+                              "samples_per_s": samples_done / max(elapsed, 1e-9), **metrics}
+                    self.history.append(record)
+                    if main:
+                        self._log(record)
+                    progress.update(task, description=f"{self.name} loss {record['loss']:.4f} "
+                                                      f"{record['samples_per_s']:.1f} patches/s")
+                progress.update(task, completed=self.step)
+                if self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.total_steps:
+                    self.save(self.latest_path)
+        self.save(self.latest_path)
+        self.save(self.final_path)
+        if main:
+            self.plot_losses()
+        return self.history
+
+    def _log(self, record: dict[str, float]) -> None:
+        with open(self.out_dir / "training_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot_losses(self) -> Path | None:
+        if not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [h["step"] for h in self.history]
+        keys = [k for k in self.history[-1] if k not in ("step", "lr", "samples_per_s")]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k in keys:
+            ax.plot(steps, [h.get(k, float("nan")) for h in self.history], label=k)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log" if all(h["loss"] > 0 for h in self.history) else "linear")
+        ax.set_title(self.name)
+        ax.legend()
+        fig.tight_layout()
+        path = self.out_dir / "loss_curve.png"
+        tmp = self.out_dir / ".loss_curve.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        tmp.replace(path)
+        return path
