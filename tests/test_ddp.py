@@ -1,0 +1,57 @@
+"""A 2-process gloo DDP run keeps weights identical across ranks; only rank 0 writes files."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from diffprobe.training import distributed as dist_utils
+from diffprobe.training.trainer import Trainer, TrainerConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    device = dist_utils.init_from_env("cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def batches(start):
+        step = start
+        while True:  # each rank sees different data
+            g = torch.Generator().manual_seed(1000 * (rank + 1) + step)
+            x = torch.randn(8, 3, generator=g)
+            yield x, x.sum(1, keepdim=True)
+            step += 1
+
+    def loss_fn(m, batch, step):
+        x, y = batch
+        return ((m(x) - y) ** 2).mean(), {}
+
+    cfg = TrainerConfig(total_steps=12, lr=1e-2, warmup_steps=2, checkpoint_every=5, log_every=4)
+    tr = Trainer(model, loss_fn, cfg, os.path.join(out, "run"), device)
+    tr.fit(batches, show_progress=False)
+    torch.save(tr.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_weights_identical(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    torch.manual_seed(0)
+    init = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    assert not torch.equal(init[0].weight, a["0.weight"])  # it trained
+    assert (tmp_path / "run" / "checkpoint_final.pt").is_file()
+    assert len((tmp_path / "run" / "training_log.jsonl").read_text().splitlines()) == 3  # rank 0 only
