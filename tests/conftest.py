@@ -71,3 +71,38 @@ def make_raw_dataset(raw_root: Path, dataset_id: int = 5, name: str = "Tiny", n_
           "numTraining": n_labelled + n_unlabelled, "file_ending": ".nii.gz"}
     (folder / "dataset.json").write_text(json.dumps(ds))
     return folder
+
+
+@pytest.fixture(scope="session")
+def phantom_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small preprocessed phantom dataset (id 1), built once per test session."""
+    import os
+
+    from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
+
+    base = tmp_path_factory.mktemp("phantom_roots")
+    roots = {k: base / k for k in ("raw", "preprocessed", "results")}
+    cfg = PhantomConfig(num_train_labelled=3, num_train_unlabelled=2, num_test=1, fov_mm=60,
+                        spacing_inplane=(1.0, 1.3), spacing_slice=(2.0, 3.0), scan_length_mm=(50, 70))
+    make_phantom_dataset(roots["raw"] / "Dataset001_Phantoms", cfg)
+    old = {k: os.environ.get(f"DIFFPROBE_{k.upper()}") for k in roots}
+    for k, v in roots.items():
+        os.environ[f"DIFFPROBE_{k.upper()}"] = str(v)
+    try:
+        from diffprobe.plan_and_preprocess import plan_and_preprocess
+
+        plan_and_preprocess(1, num_processes=2, show_progress=False)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(f"DIFFPROBE_{k.upper()}", None)
+            else:
+                os.environ[f"DIFFPROBE_{k.upper()}"] = v
+    return roots
+
+
+@pytest.fixture
+def use_phantom_roots(phantom_roots, monkeypatch) -> dict[str, Path]:
+    for k, v in phantom_roots.items():
+        monkeypatch.setenv(f"DIFFPROBE_{k.upper()}", str(v))
+    return phantom_roots

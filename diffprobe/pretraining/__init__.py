@@ -1,0 +1,1 @@
+"""Pretraining: BPR, then the BPR-guided diffusion model, on preprocessed unlabelled CT."""

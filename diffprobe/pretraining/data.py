@@ -1,0 +1,166 @@
+"""Patch batches for pretraining, deterministic per (seed, step, rank).
+
+Every batch is a pure function of the step number, so several loader processes can work
+ahead and a resumed run sees exactly the batches an uninterrupted run would. Patches are
+read lazily from the blosc2 files (only the chunks needed), cropped with a margin and
+augmented with batchgenerators' spatial transform (small rotation about the cranio-caudal
+axis, mild scaling; no mirroring, which would swap left and right anatomy; no intensity
+changes, since the diffusion model must learn real HU statistics). Guidance channels are
+cropped and transformed together with the image so they stay voxel-aligned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from diffprobe.preprocessing.storage import case_paths, open_array
+from diffprobe.utils import read_json
+
+GUIDANCE_MODES = ("bpr", "none", "random", "physical")
+PHYSICAL_SCALE_MM = 200.0  # physical guidance: mm from the scan centre / this
+
+
+@dataclass(frozen=True)
+class VolumeRef:
+    """One preprocessed training volume (any dataset)."""
+
+    data_dir: Path
+    identifier: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    guidance_path: Path | None = None  # BPR coordinate map (3, z, y, x), when guidance == "bpr"
+
+    @property
+    def data_path(self) -> Path:
+        return case_paths(self.data_dir, self.identifier)["data"]
+
+
+def volume_refs(data_dir: Path, identifiers: list[str]) -> list[VolumeRef]:
+    refs = []
+    for ident in identifiers:
+        props = read_json(case_paths(data_dir, ident)["properties"])
+        refs.append(VolumeRef(data_dir, ident, tuple(props["shape_after_resampling"]), tuple(props["target_spacing"])))
+    return refs
+
+
+def step_rng(seed: int, step: int, rank: int, stream: int = 0) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, step, rank, stream]))
+
+
+def _read_region(arr, start: np.ndarray, size: tuple[int, ...], fill: float) -> np.ndarray:
+    """Read arr[:, start:start+size] with out-of-bounds parts filled (volumes may be smaller than patches)."""
+    shape = np.array(arr.shape[1:])
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + np.array(size), shape)
+    out = np.full((arr.shape[0], *size), fill, dtype=np.float32)
+    if np.all(hi > lo):
+        src = arr[(slice(None),) + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+        dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start))
+        out[(slice(None),) + dst] = np.asarray(src, dtype=np.float32)
+    return out
+
+
+def physical_guidance(ref: VolumeRef, start: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    """Scanner-mm coordinates (x, y, z order of channels: LR, AP, CC) relative to the scan centre."""
+    centre = (np.array(ref.shape) - 1) / 2
+    axes = [(start[a] + np.arange(size[a]) - centre[a]) * ref.spacing[a] / PHYSICAL_SCALE_MM for a in range(3)]
+    zz, yy, xx = np.meshgrid(*axes, indexing="ij")
+    return np.stack([xx, yy, zz]).astype(np.float32)
+
+
+class PatchBatches:
+    """``batch(step)`` -> {'image': (B,1,z,y,x), 'guidance': (B,G,z,y,x) or None}."""
+
+    def __init__(self, volumes: list[VolumeRef], patch_size: list[int], batch_size: int, guidance: str = "bpr",
+                 augment: bool = True, seed: int = 0, rank: int = 0):
+        if guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance must be one of {GUIDANCE_MODES}")
+        if guidance == "bpr" and any(v.guidance_path is None for v in volumes):
+            raise ValueError("bpr guidance needs a coordinate map for every volume (run the BPR stage first)")
+        self.volumes, self.patch, self.batch_size = volumes, tuple(patch_size), batch_size
+        self.guidance, self.augment, self.seed, self.rank = guidance, augment, seed, rank
+
+    @property
+    def guidance_channels(self) -> int:
+        return 0 if self.guidance == "none" else 3
+
+    def _patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        ref = self.volumes[int(rng.integers(len(self.volumes)))]
+        margin = np.array([max(2, p // 6) for p in self.patch]) if self.augment else np.zeros(3, int)
+        region = tuple(int(p + 2 * m) for p, m in zip(self.patch, margin))
+        span = np.maximum(np.array(ref.shape) - np.array(self.patch), 0)
+        start = np.array([int(rng.integers(0, s + 1)) for s in span]) - margin
+        image = _read_region(open_array(ref.data_path), start, region, fill=-1.0)
+        guide = None
+        if self.guidance == "bpr":
+            guide = _read_region(open_array(ref.guidance_path), start, region, fill=0.0)
+        elif self.guidance == "physical":
+            guide = physical_guidance(ref, start, region)
+        stack = image if guide is None else np.concatenate([image, guide])
+        if self.augment:
+            stack = self._spatial(stack, rng)
+        else:
+            stack = stack[(slice(None),) + tuple(slice(0, p) for p in self.patch)]
+        image, guide = stack[:1], (stack[1:] if guide is not None else None)
+        if self.guidance == "random":
+            guide = rng.uniform(-1, 1, size=(3, *self.patch)).astype(np.float32)
+        return image, guide
+
+    def _spatial(self, stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        from batchgenerators.augmentations.spatial_transformations import augment_spatial
+
+        # batchgenerators draws from numpy's global RNG: seed it from our per-step generator
+        np.random.seed(int(rng.integers(2**31)))
+        out, _ = augment_spatial(
+            stack[None], None, self.patch, patch_center_dist_from_border=None, do_elastic_deform=False,
+            do_rotation=True, angle_x=(-0.17, 0.17), angle_y=(0.0, 0.0), angle_z=(0.0, 0.0),
+            do_scale=True, scale=(0.9, 1.1), border_mode_data="nearest", order_data=3, random_crop=False,
+            p_rot_per_sample=0.5, p_scale_per_sample=0.5)
+        return out[0].astype(np.float32)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor | None]:
+        rng = step_rng(self.seed, step, self.rank)
+        pairs = [self._patch(rng) for _ in range(self.batch_size)]
+        image = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        guide = torch.from_numpy(np.stack([p[1] for p in pairs])) if pairs[0][1] is not None else None
+        return {"image": image, "guidance": guide, "step": step}
+
+
+class _StepDataset(Dataset):
+    def __init__(self, source: PatchBatches):
+        self.source = source
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, step: int):
+        return self.source.batch(step)
+
+
+class _StepsFrom(Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        step = self.start
+        while True:
+            yield step
+            step += 1
+
+
+def _collate(item):
+    return item
+
+
+def loader(source: PatchBatches, start_step: int, num_workers: int = 2) -> Iterator[dict]:
+    """Batches for steps start_step, start_step + 1, ... loaded by ``num_workers`` processes."""
+    dl = DataLoader(_StepDataset(source), batch_size=None, sampler=_StepsFrom(start_step), num_workers=num_workers,
+                    collate_fn=_collate, prefetch_factor=2 if num_workers else None,
+                    persistent_workers=False)
+    return iter(dl)
