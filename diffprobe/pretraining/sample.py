@@ -1,0 +1,86 @@
+"""``diffprobe sample``: draw patches by the reverse process next to real patches.
+
+The visible proof that the denoiser learned CT. Guidance for each sample is taken from a
+real patch (its BPR / physical coordinates), so each generated patch should look like
+anatomy from the same body position as the real patch beside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffprobe.diffusion import GaussianDiffusion
+from diffprobe.errors import DiffprobeError
+from diffprobe.models import DiffusionUNet
+from diffprobe.plan_and_preprocess import preprocessed_cases
+from diffprobe.pretraining import data as pdata
+from diffprobe.pretraining.pretrain import build_denoiser, model_dir
+from diffprobe.training.checkpoint import load_checkpoint
+from diffprobe.utils import read_json
+
+
+def load_denoiser(name: str, device: str | torch.device = "cpu", use_ema: bool = True) -> tuple[DiffusionUNet, dict]:
+    """The pretrained denoiser (EMA weights by default) and its model.json."""
+    out = model_dir(name)
+    meta_path = out / "model.json"
+    if not meta_path.is_file():
+        raise DiffprobeError(f"no pretrained model named '{name}'", out, "run `diffprobe pretrain --name NAME` first")
+    meta = read_json(meta_path)
+    ckpt = load_checkpoint(out / "diffusion" / "checkpoint_final.pt", device)
+    model = build_denoiser(meta["preset"], meta["plans"], meta["guidance"], meta["attention"])
+    model.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"])
+    return model.to(device).eval(), meta
+
+
+def sample_patches(name: str, num: int = 4, method: str = "ddim", steps: int = 50, seed: int = 0,
+                   device: str = "cpu", output: Path | None = None) -> Path:
+    """Generate ``num`` patches (DDPM or DDIM) and save a PNG of real vs generated centre slices."""
+    model, meta = load_denoiser(name, device)
+    plans = meta["plans"]
+    data_dir, _, ids = preprocessed_cases(meta["datasets"][0])
+    refs = pdata.volume_refs(data_dir, ids)
+    if meta["guidance"] == "bpr":
+        maps = model_dir(name) / "bpr_maps" / data_dir.parent.parent.name
+        refs = [pdata.VolumeRef(r.data_dir, r.identifier, r.shape, r.spacing, maps / f"{r.identifier}.b2nd")
+                for r in refs]
+    real = pdata.PatchBatches(refs, meta["preset"]["patch_size"], num, meta["guidance"], augment=False,
+                              seed=seed).batch(0)
+    guidance = real["guidance"].to(device) if real["guidance"] is not None else None
+    diffusion = GaussianDiffusion.from_plans(plans)
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(real["image"].shape)
+    with torch.no_grad():
+        if method == "ddpm":
+            fake = diffusion.ddpm_sample(model, shape, guidance, generator=g, device=device)
+        elif method == "ddim":
+            fake = diffusion.ddim_sample(model, shape, guidance, steps=steps, generator=g, device=device)
+        else:
+            raise DiffprobeError(f"unknown sampling method '{method}'", fix="use ddpm or ddim")
+    output = output or model_dir(name) / f"samples_{method}.png"
+    _plot(real["image"].numpy(), fake.cpu().numpy(), output, f"{name}: real (top) vs {method} samples (bottom)")
+    return output
+
+
+def _plot(real: np.ndarray, fake: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = real.shape[0]
+    fig, axes = plt.subplots(2, n, figsize=(3 * n, 6), squeeze=False)
+    for i in range(n):
+        for r, arr in enumerate((real, fake)):
+            ax = axes[r, i]
+            ax.imshow(arr[i, 0, arr.shape[2] // 2], cmap="gray", vmin=-0.02, vmax=0.40)  # [-200, 300] HU
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
