@@ -226,6 +226,7 @@ def pretrain(datasets: list[str] | None = None, name: str = "default", stage: st
             from diffprobe.pretraining.plots import plot_bpr_coordinates
 
             plot_bpr_coordinates(volumes[0], out / "bpr_coordinates.png")
+            _write_bpr_consistency(volumes, plans, out)
         dist_utils.barrier()
         volumes = [pdata.VolumeRef(v.data_dir, v.identifier, v.shape, v.spacing,
                                    out / "bpr_maps" / v.data_dir.parent.parent.name / f"{v.identifier}.b2nd")
@@ -235,6 +236,23 @@ def pretrain(datasets: list[str] | None = None, name: str = "default", stage: st
                                                            resume, seed, show_progress)
         result.stages_run.append("diffusion")
     return result
+
+
+def _write_bpr_consistency(volumes: list[pdata.VolumeRef], plans: dict, out: Path) -> dict | None:
+    """Organ-centroid spread in BPR vs array coordinates on the labelled training volumes."""
+    from diffprobe.bpr.evaluate import organ_centroid_spread
+
+    by_dir: dict[Path, list[pdata.VolumeRef]] = {}
+    for v in volumes:
+        by_dir.setdefault(v.data_dir, []).append(v)
+    report = {}
+    for data_dir, refs in by_dir.items():
+        maps = {r.identifier: load_array(r.guidance_path) for r in refs}
+        labels = read_json(data_dir.parent / "plans.json")["labels"]
+        report[data_dir.parent.parent.name] = organ_centroid_spread(
+            data_dir, [r.identifier for r in refs], maps, labels, BPR_SCALE_PER_MM)
+    write_json(out / "bpr_consistency.json", report)
+    return report
 
 
 def load_bpr(out: Path, device: torch.device | str = "cpu") -> BodyPartRegressor:
