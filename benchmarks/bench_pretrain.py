@@ -1,0 +1,127 @@
+"""Pretraining throughput per preset: training step alone, data loader alone, peak memory, FLOP/s.
+
+Usage:
+    python benchmarks/bench_pretrain.py [--presets tiny paper] [--steps 5] [--device cpu]
+        [--dataset 1]   # a preprocessed dataset (default: generate small phantoms in a temp root)
+
+For each preset, in one run: (1) patches/s of the diffusion training step on a batch held in
+memory (forward + backward + AdamW), (2) patches/s of the data loader alone with the preset's
+worker count, (3) peak RSS of this process (CPU) or peak CUDA memory, (4) achieved FLOP/s of
+the step (3x the forward FLOPs) against the measured matmul peak of the same dtype.
+The loader must be faster than the step (ratio > 1), or it is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def ensure_dataset(spec: str | None) -> str:
+    if spec:
+        return spec
+    base = Path(tempfile.mkdtemp(prefix="dp_bench_pretrain_"))
+    for k in ("raw", "preprocessed", "results"):
+        os.environ[f"DIFFPROBE_{k.upper()}"] = str(base / k)
+    from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
+    from diffprobe.plan_and_preprocess import plan_and_preprocess
+
+    make_phantom_dataset(base / "raw" / "Dataset001_Phantoms", PhantomConfig(num_train_labelled=2,
+                                                                            num_train_unlabelled=4, num_test=0))
+    plan_and_preprocess(1, num_processes=2, show_progress=False)
+    return "1"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["tiny", "paper"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dataset", default=None)
+    args = ap.parse_args()
+    dataset = ensure_dataset(args.dataset)
+
+    from diffprobe.diffusion import GaussianDiffusion
+    from diffprobe.models import forward_flops
+    from diffprobe.plan_and_preprocess import preprocessed_cases
+    from diffprobe.pretraining import data as pdata
+    from diffprobe.pretraining.presets import resolve_preset
+    from diffprobe.pretraining.pretrain import build_denoiser
+
+    data_dir, plans, ids = preprocessed_cases(dataset)
+    refs = pdata.volume_refs(data_dir, ids)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    peak = matmul_peak(args.device, dtype)
+    rows = []
+    for preset in args.presets:
+        cfg = resolve_preset(plans, preset)
+        model = build_denoiser(cfg, plans, "physical", "planned").to(args.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        diffusion = GaussianDiffusion.from_plans(plans)
+        source = pdata.PatchBatches(refs, cfg["patch_size"], cfg["batch_size"], "physical", True, 0)
+        batch = source.batch(0)
+        x0, guide = batch["image"].to(args.device), batch["guidance"].to(args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+
+        def step(model=model, opt=opt, diffusion=diffusion, x0=x0, guide=guide) -> None:
+            t = torch.randint(0, 1000, (x0.shape[0],), device=args.device)
+            with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = diffusion.training_loss(model, x0, guide, t, torch.randn_like(x0))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        step()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        step_s = (time.perf_counter() - t0) / args.steps
+        it = pdata.loader(source, 1, cfg["num_workers"])
+        next(it)
+        t0 = time.perf_counter()
+        n_load = max(args.steps, 2 * cfg["num_workers"])
+        for _ in range(n_load):
+            next(it)
+        load_s = (time.perf_counter() - t0) / n_load
+        flops = 3 * forward_flops(model, (cfg["batch_size"], 1, *cfg["patch_size"]))
+        mem = (torch.cuda.max_memory_allocated() / 1024**3 if args.device.startswith("cuda")
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2)
+        rows.append((preset, cfg["patch_size"], cfg["batch_size"], cfg["batch_size"] / step_s,
+                     cfg["batch_size"] / load_s, mem, flops / step_s / 1e12, flops / step_s / peak))
+    print(f"\ndevice {args.device}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
+          f"matmul peak {peak / 1e12:.2f} TFLOP/s ({dtype})")
+    print(f"{'preset':<7} {'patch (z,y,x)':<15} {'batch':>5} {'step patches/s':>15} {'loader patches/s':>17} "
+          f"{'loader/step':>12} {'peak mem GB':>12} {'TFLOP/s':>8} {'of peak':>8}")
+    for p, patch, bs, sps, lps, mem, tf, frac in rows:
+        print(f"{p:<7} {'x'.join(map(str, patch)):<15} {bs:>5} {sps:>15.2f} {lps:>17.2f} {lps / sps:>12.1f} "
+              f"{mem:>12.2f} {tf:>8.3f} {frac:>8.1%}")
+
+
+if __name__ == "__main__":
+    main()
