@@ -74,3 +74,21 @@ def test_pretrain_cli_bpr_then_diffusion(use_phantom_roots):
 def test_unknown_guidance_is_user_error(use_phantom_roots):
     with pytest.raises(DiffprobeError, match="unknown guidance"):
         pretrain(["1"], name="x", guidance="magic", show_progress=False)
+
+
+def test_channels_last_gives_same_loss(use_phantom_roots):
+    """channels_last_3d is a layout change only: the same step gives the same loss."""
+    from diffprobe.pretraining.pretrain import _diffusion_loss
+
+    data_dir, plans, ids = preprocessed_cases(1)
+    cfg = resolve_preset(plans, "tiny", TINY)
+    batch = pdata.PatchBatches(pdata.volume_refs(data_dir, ids), cfg["patch_size"], 2, "physical").batch(0)
+    torch.manual_seed(0)
+    model = build_denoiser(cfg, plans, "physical", "planned")
+    for p in model.parameters():  # leave the zero-init state so the output depends on the input
+        torch.nn.init.normal_(p, std=0.02)
+    diffusion = GaussianDiffusion.from_plans(plans)
+    a, _ = _diffusion_loss(model, batch, 3, diffusion, 0, 0, channels_last=False)
+    b, _ = _diffusion_loss(model.to(memory_format=torch.channels_last_3d), batch, 3, diffusion, 0, 0,
+                           channels_last=True)
+    assert torch.allclose(a, b, rtol=1e-4)

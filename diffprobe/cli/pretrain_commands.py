@@ -25,12 +25,15 @@ def pretrain_cmd(
     lr: float | None = typer.Option(None, "--lr", help="override the diffusion learning rate"),
     num_workers: int | None = typer.Option(None, "--num_workers", help="data-loading processes"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the denoiser (GPU)"),
+    channels_last: bool = typer.Option(False, "--channels_last", help="channels_last_3d memory format (GPU)"),
 ) -> None:
     """Train the Body Part Regressor, then the BPR-guided 3D diffusion model, on unlabelled CT."""
     from diffprobe.pretraining.pretrain import pretrain
 
     overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "batch_size": batch_size,
-                 "diffusion_lr": lr, "num_workers": num_workers}
+                 "diffusion_lr": lr, "num_workers": num_workers, "compile": compile_model or None,
+                 "channels_last": channels_last or None}
     result = pretrain(dataset, name=name, stage=stage, preset=preset, guidance=guidance, attention=attention,
                       device=device, resume=resume, overrides=overrides, seed=seed)
     console.print(f"[green]done[/] stages {', '.join(result.stages_run) or '(none)'}: {result.model_dir}",

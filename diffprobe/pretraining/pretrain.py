@@ -149,10 +149,12 @@ def write_bpr_maps(model: BodyPartRegressor, volumes: list[pdata.VolumeRef], cro
 
 
 # ---- diffusion -----------------------------------------------------------------------------
-def _diffusion_loss(model, batch, step: int, diffusion: GaussianDiffusion, seed: int, rank: int):
+def _diffusion_loss(model, batch, step: int, diffusion: GaussianDiffusion, seed: int, rank: int,
+                    channels_last: bool = False):
     device = next(model.parameters()).device
-    x0 = batch["image"].to(device)
-    guidance = batch["guidance"].to(device) if batch["guidance"] is not None else None
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x0 = batch["image"].to(device).contiguous(memory_format=fmt)
+    guidance = batch["guidance"].to(device).contiguous(memory_format=fmt) if batch["guidance"] is not None else None
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
     t = diffusion.sample_timesteps(x0.shape[0], g).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
@@ -171,10 +173,12 @@ def train_diffusion(volumes, cfg: dict, plans: dict, guidance: str, attention: s
     tcfg = TrainerConfig(total_steps=cfg["diffusion_steps"], lr=cfg["diffusion_lr"],
                          warmup_steps=cfg["warmup_steps"], ema_decay=cfg["ema_decay"],
                          checkpoint_every=cfg["checkpoint_every"], seed=seed, samples_per_step=cfg["batch_size"],
+                         compile=cfg.get("compile", False), channels_last=cfg.get("channels_last", False),
                          extra={"stage": "diffusion", "guidance": guidance, "attention": attention})
     rank = dist_utils.rank()
-    trainer = Trainer(model, functools.partial(_diffusion_loss, diffusion=diffusion, seed=seed, rank=rank), tcfg,
-                      out / "diffusion", device, name="diffusion")
+    loss = functools.partial(_diffusion_loss, diffusion=diffusion, seed=seed, rank=rank,
+                             channels_last=tcfg.channels_last)
+    trainer = Trainer(model, loss, tcfg, out / "diffusion", device, name="diffusion")
     if resume:
         trainer.resume()
     source = pdata.PatchBatches(volumes, cfg["patch_size"], cfg["batch_size"], guidance, True, seed, rank)

@@ -48,6 +48,8 @@ class TrainerConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     seed: int = 0
     samples_per_step: int = 1  # for patches/s reporting
+    compile: bool = False  # torch.compile the model's forward (GPU runs; slow to compile on CPU)
+    channels_last: bool = False  # channels_last_3d memory format (faster cuDNN 3D convs on GPU)
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in checkpoints (preset, stage, plans...)
 
 
@@ -87,8 +89,12 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.name = name
         self.model = model.to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.loss_fn = loss_fn
         self.wrapped = dist_utils.wrap_ddp(self.model, self.device)
+        if config.compile:
+            self.wrapped = torch.compile(self.wrapped)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.cfg))
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay else None
