@@ -1,5 +1,6 @@
 """A 2-process gloo DDP run keeps weights identical across ranks; only rank 0 writes files."""
 
+import contextlib
 import os
 import socket
 
@@ -55,3 +56,48 @@ def test_ddp_gloo_weights_identical(tmp_path):
     assert not torch.equal(init[0].weight, a["0.weight"])  # it trained
     assert (tmp_path / "run" / "checkpoint_final.pt").is_file()
     assert len((tmp_path / "run" / "training_log.jsonl").read_text().splitlines()) == 3  # rank 0 only
+
+
+def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    device = dist_utils.init_from_env("cpu")
+
+    def batches(start, kill_at=None):
+        step = start
+        while True:
+            if step == kill_at:
+                raise KeyboardInterrupt
+            g = torch.Generator().manual_seed(1000 * (rank + 1) + step)
+            x = torch.randn(8, 3, generator=g)
+            yield x, x.sum(1, keepdim=True)
+            step += 1
+
+    def loss_fn(m, batch, step):
+        x, y = batch
+        return ((m(x) - y) ** 2).mean(), {}
+
+    def fresh():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    cfg = TrainerConfig(total_steps=12, lr=1e-2, warmup_steps=2, checkpoint_every=5, log_every=4, ema_decay=0.9)
+    full = Trainer(fresh(), loss_fn, cfg, os.path.join(out, "full"), device)
+    full.fit(batches, show_progress=False)
+    part = Trainer(fresh(), loss_fn, cfg, os.path.join(out, "part"), device)
+    with contextlib.suppress(KeyboardInterrupt):  # killed at step 7, after checkpoint_latest at 5
+        part.fit(lambda s: batches(s, kill_at=7), show_progress=False)
+    resumed = Trainer(fresh(), loss_fn, cfg, os.path.join(out, "part"), device)
+    assert resumed.resume() and resumed.step == 5
+    resumed.fit(batches, show_progress=False)
+    same = all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(),
+                                                   resumed.model.state_dict().values()))
+    torch.save({"same": torch.tensor(same)}, os.path.join(out, f"resume_rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_resume_equals_uninterrupted(tmp_path):
+    mp.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        assert torch.load(tmp_path / f"resume_rank{r}.pt", weights_only=True)["same"].item()
