@@ -45,6 +45,17 @@ def write_json(path: str | Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 80) -> Path:
+    """Save a matplotlib figure atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def dumps_readable(obj: Any, indent: int = 2, _level: int = 0) -> str:
     """JSON with objects indented but short lists of scalars (shapes, spacings) on one line."""
     pad, inner = " " * (indent * _level), " " * (indent * (_level + 1))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from diffprobe.preprocessing.storage import load_array
+from diffprobe.utils import save_figure
 
 
 def plot_bpr_coordinates(ref, path: Path) -> Path:
@@ -34,9 +35,4 @@ def plot_bpr_coordinates(ref, path: Path) -> Path:
             ax.axis("off")
     fig.suptitle(f"BPR coordinates: {ref.identifier}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -19,7 +19,7 @@ from diffprobe.plan_and_preprocess import preprocessed_cases
 from diffprobe.pretraining import data as pdata
 from diffprobe.pretraining.pretrain import build_denoiser, model_dir
 from diffprobe.training.checkpoint import load_checkpoint
-from diffprobe.utils import read_json
+from diffprobe.utils import read_json, save_figure
 
 
 def load_denoiser(name: str, device: str | torch.device = "cpu", use_ema: bool = True) -> tuple[DiffusionUNet, dict]:
@@ -79,8 +79,4 @@ def _plot(real: np.ndarray, fake: np.ndarray, path: Path, title: str) -> None:
             ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

@@ -30,6 +30,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.parallel import progress_bar
 from diffprobe.training import distributed as dist_utils
 from diffprobe.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from diffprobe.utils import save_figure
 
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]]
 
@@ -221,9 +222,4 @@ class Trainer:
         ax.set_title(self.name)
         ax.legend()
         fig.tight_layout()
-        path = self.out_dir / "loss_curve.png"
-        tmp = self.out_dir / ".loss_curve.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(path)
-        return path
+        return save_figure(fig, self.out_dir / "loss_curve.png", dpi=100)
