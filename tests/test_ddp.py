@@ -18,29 +18,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _init_rank(rank: int, world: int, port: int) -> torch.device:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
-    device = dist_utils.init_from_env("cpu")
+    return dist_utils.init_from_env("cpu")
+
+
+def _fresh_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
 
-    def batches(start):
-        step = start
-        while True:  # each rank sees different data
-            g = torch.Generator().manual_seed(1000 * (rank + 1) + step)
-            x = torch.randn(8, 3, generator=g)
-            yield x, x.sum(1, keepdim=True)
-            step += 1
 
-    def loss_fn(m, batch, step):
-        x, y = batch
-        return ((m(x) - y) ** 2).mean(), {}
+def _batches(rank: int, start: int, kill_at: int | None = None):
+    """Each rank sees different data; raising at ``kill_at`` simulates a killed run."""
+    step = start
+    while True:
+        if step == kill_at:
+            raise KeyboardInterrupt
+        g = torch.Generator().manual_seed(1000 * (rank + 1) + step)
+        x = torch.randn(8, 3, generator=g)
+        yield x, x.sum(1, keepdim=True)
+        step += 1
 
+
+def _loss_fn(m, batch, step):
+    x, y = batch
+    return ((m(x) - y) ** 2).mean(), {}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    device = _init_rank(rank, world, port)
     cfg = TrainerConfig(total_steps=12, lr=1e-2, warmup_steps=2, checkpoint_every=5, log_every=4)
-    tr = Trainer(model, loss_fn, cfg, os.path.join(out, "run"), device)
-    tr.fit(batches, show_progress=False)
+    tr = Trainer(_fresh_model(), _loss_fn, cfg, os.path.join(out, "run"), device)
+    tr.fit(lambda s: _batches(rank, s), show_progress=False)
     torch.save(tr.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -51,46 +62,23 @@ def test_ddp_gloo_weights_identical(tmp_path):
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    torch.manual_seed(0)
-    init = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    init = _fresh_model()
     assert not torch.equal(init[0].weight, a["0.weight"])  # it trained
     assert (tmp_path / "run" / "checkpoint_final.pt").is_file()
     assert len((tmp_path / "run" / "training_log.jsonl").read_text().splitlines()) == 3  # rank 0 only
 
 
 def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
-    torch.set_num_threads(1)
-    device = dist_utils.init_from_env("cpu")
-
-    def batches(start, kill_at=None):
-        step = start
-        while True:
-            if step == kill_at:
-                raise KeyboardInterrupt
-            g = torch.Generator().manual_seed(1000 * (rank + 1) + step)
-            x = torch.randn(8, 3, generator=g)
-            yield x, x.sum(1, keepdim=True)
-            step += 1
-
-    def loss_fn(m, batch, step):
-        x, y = batch
-        return ((m(x) - y) ** 2).mean(), {}
-
-    def fresh():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-
+    device = _init_rank(rank, world, port)
     cfg = TrainerConfig(total_steps=12, lr=1e-2, warmup_steps=2, checkpoint_every=5, log_every=4, ema_decay=0.9)
-    full = Trainer(fresh(), loss_fn, cfg, os.path.join(out, "full"), device)
-    full.fit(batches, show_progress=False)
-    part = Trainer(fresh(), loss_fn, cfg, os.path.join(out, "part"), device)
+    full = Trainer(_fresh_model(), _loss_fn, cfg, os.path.join(out, "full"), device)
+    full.fit(lambda s: _batches(rank, s), show_progress=False)
+    part = Trainer(_fresh_model(), _loss_fn, cfg, os.path.join(out, "part"), device)
     with contextlib.suppress(KeyboardInterrupt):  # killed at step 7, after checkpoint_latest at 5
-        part.fit(lambda s: batches(s, kill_at=7), show_progress=False)
-    resumed = Trainer(fresh(), loss_fn, cfg, os.path.join(out, "part"), device)
+        part.fit(lambda s: _batches(rank, s, kill_at=7), show_progress=False)
+    resumed = Trainer(_fresh_model(), _loss_fn, cfg, os.path.join(out, "part"), device)
     assert resumed.resume() and resumed.step == 5
-    resumed.fit(batches, show_progress=False)
+    resumed.fit(lambda s: _batches(rank, s), show_progress=False)
     same = all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(),
                                                    resumed.model.state_dict().values()))
     torch.save({"same": torch.tensor(same)}, os.path.join(out, f"resume_rank{rank}.pt"))
