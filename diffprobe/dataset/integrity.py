@@ -20,7 +20,7 @@ import numpy as np
 from diffprobe.dataset.cases import Case
 from diffprobe.dataset.dataset_json import DatasetInfo
 from diffprobe.errors import DiffprobeError, Problem
-from diffprobe.io.geometry import AxisMap, Geometry, canonical_orientation, relate_grids
+from diffprobe.io.geometry import AxisMap, Geometry, canonical_orientation, relate_grids, reorient_onto
 from diffprobe.io.image_io import read_image, read_label
 
 
@@ -73,19 +73,15 @@ def check_case(case: Case, info: DatasetInfo) -> tuple[CheckedCase | None, list[
                 problems.append(Problem(str(case.label), f"label values {undeclared} are not declared in dataset.json",
                                         f"declare them under 'labels' or remap them (declared: "
                                         f"{sorted(info.label_values)})"))
-            rel = relate_grids(lab.geometry, ref.geometry)
+            seg, rel = reorient_onto(lab.array, lab.geometry, ref.geometry)
             if rel.kind == "mismatch":
                 problems.append(Problem(str(case.label), f"label geometry differs physically from the image: "
                                         f"{rel.details}",
                                         "resample the label onto the image grid (nearest neighbour) with the "
                                         "tool that made it"))
             elif rel.kind == "reoriented":
-                assert rel.axis_map is not None
-                seg = rel.axis_map.apply(lab.array)
                 notes.append(f"{case.label.name}: same voxels as the image in another orientation "
                              f"({rel.details}); reoriented onto the image grid")
-            else:
-                seg = lab.array
     if problems:
         return None, problems
     amap, canon = canonical_orientation(ref.geometry)

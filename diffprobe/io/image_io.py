@@ -100,8 +100,12 @@ def _verify_nifti(path: Path) -> None:
         raise DiffprobeError(
             f"file is truncated or corrupt ({type(e).__name__}: {str(e)[:160]})", path,
             "re-export or re-download the file; the copy on disk is incomplete") from None
-    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
+    _refuse_non_finite(data, path)
+
+
+def _refuse_non_finite(array: np.ndarray, path: Path) -> None:
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
         raise DiffprobeError(f"image contains {bad} NaN/inf voxels", path,
                              "replace non-finite voxels (e.g. with the minimum HU) before export")
 
@@ -121,31 +125,28 @@ def _check_3d(img: sitk.Image, path: Path) -> None:
         )
 
 
-def read_image(path: str | Path, dtype: type = np.float32) -> Volume:
-    """Read one 3D scalar image as a :class:`Volume`; refuse non-3D and non-finite data."""
-    path = Path(path)
+def _read_3d(path: Path) -> sitk.Image:
+    """Read, refuse non-3D/vector images, and re-check NIfTI files for what ITK hides."""
     img = read_sitk(path)
     _check_3d(img, path)
     if file_ending(path) in (".nii", ".nii.gz"):
         _verify_nifti(path)
+    return img
+
+
+def read_image(path: str | Path, dtype: type = np.float32) -> Volume:
+    """Read one 3D scalar image as a :class:`Volume`; refuse non-3D and non-finite data."""
+    path = Path(path)
+    img = _read_3d(path)
     array = sitk.GetArrayFromImage(img).astype(dtype, copy=False)
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        bad = int((~np.isfinite(array)).sum())
-        raise DiffprobeError(
-            f"image contains {bad} NaN/inf voxels",
-            path,
-            "replace non-finite voxels (e.g. with the minimum HU) before export",
-        )
+    _refuse_non_finite(array, path)
     return Volume(array, geometry_of(img))
 
 
 def read_label(path: str | Path) -> Volume:
     """Read a label map; values must be non-negative integers."""
     path = Path(path)
-    img = read_sitk(path)
-    _check_3d(img, path)
-    if file_ending(path) in (".nii", ".nii.gz"):
-        _verify_nifti(path)
+    img = _read_3d(path)
     array = sitk.GetArrayFromImage(img)
     if np.issubdtype(array.dtype, np.floating) and (
             not np.isfinite(array).all() or not np.all(np.equal(np.mod(array, 1), 0))):

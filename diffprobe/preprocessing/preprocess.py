@@ -23,7 +23,7 @@ from diffprobe.dataset.cases import Case
 from diffprobe.dataset.dataset_json import DatasetInfo
 from diffprobe.dataset.integrity import CheckedCase, check_case
 from diffprobe.errors import DiffprobeError
-from diffprobe.io.geometry import AxisMap, Geometry
+from diffprobe.io.geometry import AxisMap, Geometry, undo_canonical
 from diffprobe.preprocessing.cropping import bounding_box, crop, foreground_mask
 from diffprobe.preprocessing.normalization import normalize
 
@@ -128,4 +128,4 @@ def revert_to_original(array_zyx: np.ndarray, props: dict, is_seg: bool, fill_va
     sl = tuple(slice(lo, hi) for lo, hi in props["bbox"])
     full[sl] = x[0].astype(dtype, copy=False)
     amap = AxisMap.from_dict(props["axis_map_to_canonical"])
-    return amap.inverse().apply(full), Geometry.from_dict(props["original_geometry"])
+    return undo_canonical(full, amap), Geometry.from_dict(props["original_geometry"])
