@@ -33,7 +33,7 @@ from diffprobe.planning.plans import (
 )
 from diffprobe.preprocessing.preprocess import preprocess_case, preprocessing_hash
 from diffprobe.preprocessing.storage import is_finished, save_case
-from diffprobe.utils import read_json, write_json
+from diffprobe.utils import atomic_path, read_json, write_json
 
 FINGERPRINT_FILENAME = "dataset_fingerprint.json"
 
@@ -98,8 +98,8 @@ def plan_and_preprocess(
         fingerprint["raw_files_signature"] = signature
         write_json(fp_path, fingerprint)
     report.notes.extend(fingerprint.get("notes", []))
-    shutil.copyfile(raw_dir / "dataset.json", out / "dataset.json.tmp")
-    Path(out / "dataset.json.tmp").replace(out / "dataset.json")
+    with atomic_path(out / "dataset.json", ".json") as tmp:
+        shutil.copyfile(raw_dir / "dataset.json", tmp)
 
     plans_path = out / PLANS_FILENAME
     if plans_path.is_file() and not (replan or clean or plan_kwargs or overrides):

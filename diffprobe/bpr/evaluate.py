@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffprobe.preprocessing.storage import load_case
+from diffprobe.preprocessing.storage import case_paths, load_array
+from diffprobe.utils import read_json
 
 
 def learnt_scale_per_mm(coords: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
@@ -35,14 +36,17 @@ def organ_centroid_spread(data_dir: Path, identifiers: list[str], maps: dict[str
     """Per organ and overall: centroid std across cases in array-mm vs BPR-mm (lower = more consistent)."""
     raw: dict[str, list[np.ndarray]] = {}
     bpr: dict[str, list[np.ndarray]] = {}
-    slopes = [learnt_scale_per_mm(maps[i].astype(np.float32), np.asarray(load_case(data_dir, i)[2]["target_spacing"]))
-              for i in identifiers]
-    scale = np.nanmean(np.stack(slopes), axis=0)
+    cases = {}  # identifier -> (spacing, seg or None); each case's files are read once
     for ident in identifiers:
-        _, seg, props = load_case(data_dir, ident)
+        files = case_paths(data_dir, ident)
+        props = read_json(files["properties"])
+        seg = load_array(files["seg"])[0] if props["labelled"] else None
+        cases[ident] = (np.asarray(props["target_spacing"], dtype=float), seg)
+    slopes = [learnt_scale_per_mm(maps[i].astype(np.float32), cases[i][0]) for i in identifiers]
+    scale = np.nanmean(np.stack(slopes), axis=0)
+    for ident, (spacing, seg) in cases.items():
         if seg is None:
             continue
-        spacing = np.asarray(props["target_spacing"], dtype=float)
         coords = maps[ident].astype(np.float32)  # (3, z, y, x), channels (LR, AP, CC)
         for name, value in labels.items():
             if value == 0:

@@ -53,7 +53,7 @@ def step_rng(seed: int, step: int, rank: int, stream: int = 0) -> np.random.Gene
     return np.random.default_rng(np.random.SeedSequence([seed, step, rank, stream]))
 
 
-def _read_region(arr, start: np.ndarray, size: tuple[int, ...], fill: float) -> np.ndarray:
+def read_region(arr, start: np.ndarray, size: tuple[int, ...], fill: float) -> np.ndarray:
     """Read arr[:, start:start+size] with out-of-bounds parts filled (volumes may be smaller than patches)."""
     shape = np.array(arr.shape[1:])
     lo = np.maximum(start, 0)
@@ -96,10 +96,10 @@ class PatchBatches:
         region = tuple(int(p + 2 * m) for p, m in zip(self.patch, margin))
         span = np.maximum(np.array(ref.shape) - np.array(self.patch), 0)
         start = np.array([int(rng.integers(0, s + 1)) for s in span]) - margin
-        image = _read_region(open_array(ref.data_path), start, region, fill=-1.0)
+        image = read_region(open_array(ref.data_path), start, region, fill=-1.0)
         guide = None
         if self.guidance == "bpr":
-            guide = _read_region(open_array(ref.guidance_path), start, region, fill=0.0)
+            guide = read_region(open_array(ref.guidance_path), start, region, fill=0.0)
         elif self.guidance == "physical":
             guide = physical_guidance(ref, start, region)
         stack = image if guide is None else np.concatenate([image, guide])
@@ -159,7 +159,7 @@ def _collate(item):
 
 
 def loader(source: PatchBatches, start_step: int, num_workers: int = 2) -> Iterator[dict]:
-    """Batches for steps start_step, start_step + 1, ... loaded by ``num_workers`` processes."""
+    """Batches for steps start_step, start_step + 1, ... loaded by ``num_workers`` processes (0: in-process)."""
     dl = DataLoader(_StepDataset(source), batch_size=None, sampler=_StepsFrom(start_step), num_workers=num_workers,
                     collate_fn=_collate, prefetch_factor=2 if num_workers else None,
                     persistent_workers=False)

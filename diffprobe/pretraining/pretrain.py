@@ -89,7 +89,7 @@ class BprBatches:
             region = tuple(int(c * 1.5) for c in self.crop)
             span = np.maximum(np.array(ref.shape) - np.array(region), 0)
             start = np.array([int(rng.integers(0, s + 1)) for s in span])
-            vol = pdata._read_region(open_array(ref.data_path), start, region, fill=-1.0)
+            vol = pdata.read_region(open_array(ref.data_path), start, region, fill=-1.0)
             pairs.append(sample_crop_pair(vol, self.crop, rng, noise_std=0.02))
             spacings.append(ref.spacing)
         out = collate_pairs(pairs)
@@ -121,17 +121,8 @@ def train_bpr(volumes, cfg: dict, out: Path, device: torch.device, resume: bool,
     if resume:
         trainer.resume()
     source = BprBatches(volumes, crop, max(2, cfg["batch_size"]), seed, dist_utils.rank())
-    hist = trainer.fit(lambda start: _iterate(source, start, cfg["num_workers"]), show_progress)
+    hist = trainer.fit(lambda start: pdata.loader(source, start, cfg["num_workers"]), show_progress)
     return model, hist
-
-
-def _iterate(source, start: int, num_workers: int):
-    if num_workers <= 0:
-        step = start
-        while True:
-            yield source.batch(step)
-            step += 1
-    yield from pdata.loader(source, start, num_workers)
 
 
 def write_bpr_maps(model: BodyPartRegressor, volumes: list[pdata.VolumeRef], crop: list[int], out: Path,
@@ -182,7 +173,7 @@ def train_diffusion(volumes, cfg: dict, plans: dict, guidance: str, attention: s
     if resume:
         trainer.resume()
     source = pdata.PatchBatches(volumes, cfg["patch_size"], cfg["batch_size"], guidance, True, seed, rank)
-    hist = trainer.fit(lambda start: _iterate(source, start, cfg["num_workers"]), show_progress)
+    hist = trainer.fit(lambda start: pdata.loader(source, start, cfg["num_workers"]), show_progress)
     return model, hist
 
 
