@@ -9,6 +9,7 @@ The first dataset's plans are the reference (spacing, normalisation, diffusion s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,17 +126,21 @@ def train_bpr(volumes, cfg: dict, out: Path, device: torch.device, resume: bool,
     return model, hist
 
 
+def with_bpr_maps(volumes: list[pdata.VolumeRef], out: Path) -> list[pdata.VolumeRef]:
+    """The volumes with their BPR map paths: ``<model>/bpr_maps/<dataset>/<case>.b2nd``."""
+    return [dataclasses.replace(v, guidance_path=out / "bpr_maps" / v.data_dir.parent.parent.name /
+                                f"{v.identifier}.b2nd") for v in volumes]
+
+
 def write_bpr_maps(model: BodyPartRegressor, volumes: list[pdata.VolumeRef], crop: list[int], out: Path,
                    device: torch.device) -> list[pdata.VolumeRef]:
     """Coordinates of every volume, computed once per volume (skipped when already written)."""
     model = model.to(device).eval()
-    refs = []
-    for ref in volumes:
-        path = out / "bpr_maps" / ref.data_dir.parent.parent.name / f"{ref.identifier}.b2nd"
-        if not path.is_file():
+    refs = with_bpr_maps(volumes, out)
+    for ref in refs:
+        if not ref.guidance_path.is_file():
             coords = predict_coordinates(model, load_array(ref.data_path), tuple(crop))
-            save_array(coords.cpu().numpy().astype(np.float16), path, None)
-        refs.append(pdata.VolumeRef(ref.data_dir, ref.identifier, ref.shape, ref.spacing, path))
+            save_array(coords.cpu().numpy().astype(np.float16), ref.guidance_path, None)
     return refs
 
 
@@ -223,9 +228,7 @@ def pretrain(datasets: list[str] | None = None, name: str = "default", stage: st
             plot_bpr_coordinates(volumes[0], out / "bpr_coordinates.png")
             _write_bpr_consistency(volumes, plans, out)
         dist_utils.barrier()
-        volumes = [pdata.VolumeRef(v.data_dir, v.identifier, v.shape, v.spacing,
-                                   out / "bpr_maps" / v.data_dir.parent.parent.name / f"{v.identifier}.b2nd")
-                   for v in volumes]
+        volumes = with_bpr_maps(volumes, out)
     if stage in ("diffusion", "all"):
         _, result.histories["diffusion"] = train_diffusion(volumes, cfg, plans, guidance, attention, out, dev,
                                                            resume, seed, show_progress)

@@ -17,7 +17,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.models import DiffusionUNet
 from diffprobe.plan_and_preprocess import preprocessed_cases
 from diffprobe.pretraining import data as pdata
-from diffprobe.pretraining.pretrain import build_denoiser, model_dir
+from diffprobe.pretraining.pretrain import build_denoiser, model_dir, with_bpr_maps
 from diffprobe.training.checkpoint import load_checkpoint
 from diffprobe.utils import read_json, save_figure
 
@@ -43,9 +43,7 @@ def sample_patches(name: str, num: int = 4, method: str = "ddim", steps: int = 5
     data_dir, _, ids = preprocessed_cases(meta["datasets"][0])
     refs = pdata.volume_refs(data_dir, ids)
     if meta["guidance"] == "bpr":
-        maps = model_dir(name) / "bpr_maps" / data_dir.parent.parent.name
-        refs = [pdata.VolumeRef(r.data_dir, r.identifier, r.shape, r.spacing, maps / f"{r.identifier}.b2nd")
-                for r in refs]
+        refs = with_bpr_maps(refs, model_dir(name))
     real = pdata.PatchBatches(refs, meta["preset"]["patch_size"], num, meta["guidance"], augment=False,
                               seed=seed).batch(0)
     guidance = real["guidance"].to(device) if real["guidance"] is not None else None
