@@ -16,10 +16,9 @@ import numpy as np
 from diffprobe.dataset.cases import Case, list_cases
 from diffprobe.dataset.dataset_json import DatasetInfo, load_dataset_json
 from diffprobe.dataset.integrity import check_case
-from diffprobe.errors import IntegrityError, Problem
+from diffprobe.errors import IntegrityError
 from diffprobe.parallel import parallel_map
 from diffprobe.preprocessing.cropping import bounding_box, foreground_mask
-from diffprobe.utils import write_json
 
 FINGERPRINT_VERSION = 1
 SAMPLES_PER_CASE = 10000
@@ -119,9 +118,3 @@ def assemble_fingerprint(info: DatasetInfo, per_case: list[dict]) -> dict:
         "notes": notes,
     }
 
-
-def write_fingerprint(fingerprint: dict, path: str | Path) -> None:
-    write_json(path, fingerprint)
-
-
-__all__ = ["Problem", "compute_fingerprint", "write_fingerprint"]
