@@ -220,7 +220,7 @@ def pretrain(datasets: list[str] | None = None, name: str = "default", stage: st
     if guidance == "bpr" and stage in ("diffusion", "all"):
         if not run_bpr:
             bpr_model = load_bpr(out, dev)
-        crop = read_json(meta_path)["preset"]["bpr_crop"]
+        crop = bpr_crop(out)
         if dist_utils.is_main_process():
             volumes = write_bpr_maps(bpr_model, volumes, crop, out, dev)
             from diffprobe.pretraining.plots import plot_bpr_coordinates
@@ -253,14 +253,23 @@ def _write_bpr_consistency(volumes: list[pdata.VolumeRef], plans: dict, out: Pat
     return report
 
 
-def load_bpr(out: Path, device: torch.device | str = "cpu") -> BodyPartRegressor:
+def _bpr_checkpoint(out: Path, device: torch.device | str = "cpu") -> dict:
     from diffprobe.training.checkpoint import load_checkpoint
 
     path = out / "bpr" / "checkpoint_final.pt"
     if not path.is_file():
         raise DiffprobeError("the BPR stage has not finished for this model", path,
                              "run `diffprobe pretrain --stage bpr` (or --stage all) first")
-    ckpt = load_checkpoint(path, device)
+    return load_checkpoint(path, device)
+
+
+def bpr_crop(out: Path) -> list[int]:
+    """The crop the BPR was trained on (the preset's, rounded to its stride): its inference window."""
+    return [int(c) for c in _bpr_checkpoint(out)["config"]["extra"]["crop"]]
+
+
+def load_bpr(out: Path, device: torch.device | str = "cpu") -> BodyPartRegressor:
+    ckpt = _bpr_checkpoint(out, device)
     model = BodyPartRegressor(width=int(ckpt["config"]["extra"]["width"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

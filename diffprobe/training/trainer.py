@@ -51,6 +51,7 @@ class TrainerConfig:
     samples_per_step: int = 1  # for patches/s reporting
     compile: bool = False  # torch.compile the model's forward (GPU runs; slow to compile on CPU)
     channels_last: bool = False  # channels_last_3d memory format (faster cuDNN 3D convs on GPU)
+    validate_every: int = 0  # run the validation callback every N steps (and at the end); 0 = never
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in checkpoints (preset, stage, plans...)
 
 
@@ -84,8 +85,10 @@ class EMA:
 
 class Trainer:
     def __init__(self, model: nn.Module, loss_fn: LossFn, config: TrainerConfig, out_dir: str | Path,
-                 device: torch.device | str = "cpu", name: str = "model"):
+                 device: torch.device | str = "cpu", name: str = "model",
+                 validate: Callable[[nn.Module], dict[str, float]] | None = None):
         self.cfg = config
+        self.validate = validate  # model -> {"val_...": value}; must not touch the global RNGs
         self.device = torch.device(device)
         self.out_dir = Path(out_dir)
         self.name = name
@@ -181,10 +184,15 @@ class Trainer:
                     self.ema.update(self.model)
                 self.step += 1
                 samples_done += self.cfg.samples_per_step
-                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.total_steps:
+                final = self.step == self.cfg.total_steps
+                validate_now = self.validate is not None and self.cfg.validate_every > 0 and (
+                    final or self.step % self.cfg.validate_every == 0)
+                if self.step % self.cfg.log_every == 0 or final or validate_now:
                     elapsed = time.perf_counter() - t_start
                     record = {"step": self.step, "loss": float(loss.item()), "lr": self.scheduler.get_last_lr()[0],
                               "samples_per_s": samples_done / max(elapsed, 1e-9), **metrics}
+                    if validate_now:
+                        record.update(self._run_validation())
                     self.history.append(record)
                     if main:
                         self._log(record)
@@ -199,6 +207,14 @@ class Trainer:
             self.plot_losses()
         return self.history
 
+    def _run_validation(self) -> dict[str, float]:
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                return dict(self.validate(self.model))
+        finally:
+            self.model.train()
+
     def _log(self, record: dict[str, float]) -> None:
         with open(self.out_dir / "training_log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -212,7 +228,7 @@ class Trainer:
         import matplotlib.pyplot as plt
 
         steps = [h["step"] for h in self.history]
-        keys = [k for k in self.history[-1] if k not in ("step", "lr", "samples_per_s")]
+        keys = [k for k in self.history[-1] if k not in ("step", "lr", "samples_per_s") and not k.startswith("val_")]
         fig, ax = plt.subplots(figsize=(6, 4))
         for k in keys:
             ax.plot(steps, [h.get(k, float("nan")) for h in self.history], label=k)
@@ -222,4 +238,24 @@ class Trainer:
         ax.set_title(self.name)
         ax.legend()
         fig.tight_layout()
-        return save_figure(fig, self.out_dir / "loss_curve.png", dpi=100)
+        path = save_figure(fig, self.out_dir / "loss_curve.png", dpi=100)
+        self._plot_validation()
+        return path
+
+    def _plot_validation(self) -> Path | None:
+        """``validation_curve.png``: every ``val_*`` metric against the step (e.g. Dice per class)."""
+        rows = [h for h in self.history if any(k.startswith("val_") for k in h)]
+        if not rows:
+            return None
+        import matplotlib.pyplot as plt
+
+        keys = sorted({k for h in rows for k in h if k.startswith("val_")})
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k in keys:
+            ax.plot([h["step"] for h in rows], [h.get(k, float("nan")) for h in rows], marker="o", label=k[4:])
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation")
+        ax.set_title(f"{self.name}: validation")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        return save_figure(fig, self.out_dir / "validation_curve.png", dpi=100)

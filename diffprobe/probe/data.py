@@ -1,0 +1,100 @@
+"""Labelled patch batches for probe training, deterministic per (seed, step).
+
+Like nnU-Net's loader, the last third of every batch is centred on a foreground voxel of a
+randomly chosen class present in the case (``oversample_foreground``), so small organs are
+seen often; the rest are uniform random crops. No augmentation: the probe is trained on a
+frozen feature extractor whose noise is fixed per patch position, and the phantom / CT
+anatomy is not mirror-symmetric. Each patch carries its noise seed (case + start), the
+same definition the sliding-window predictor uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffprobe.preprocessing.storage import case_paths, open_array
+from diffprobe.pretraining import data as pdata
+from diffprobe.probe.features import patch_seed
+from diffprobe.utils import read_json
+
+
+@dataclass(frozen=True)
+class LabelledVolume:
+    ref: pdata.VolumeRef
+    class_locations: dict[str, list[list[int]]]
+
+    @property
+    def seg_path(self):
+        return case_paths(self.ref.data_dir, self.ref.identifier)["seg"]
+
+
+def labelled_volumes(refs: list[pdata.VolumeRef]) -> list[LabelledVolume]:
+    """The refs' class locations (from the preprocessing properties); refs must be labelled."""
+    out = []
+    for ref in refs:
+        props = read_json(case_paths(ref.data_dir, ref.identifier)["properties"])
+        out.append(LabelledVolume(ref, props.get("class_locations") or {}))
+    return out
+
+
+def guidance_patch(mode: str, ref: pdata.VolumeRef, start: np.ndarray, size: tuple[int, int, int],
+                   seed: int) -> np.ndarray | None:
+    """The guidance channels of one patch for the given mode (None for ``none``)."""
+    if mode == "bpr":
+        return pdata.read_region(open_array(ref.guidance_path), start, size, fill=0.0)
+    if mode == "physical":
+        return pdata.physical_guidance(ref, start, size)
+    if mode == "random":
+        return np.random.default_rng(seed).uniform(-1, 1, size=(3, *size)).astype(np.float32)
+    return None
+
+
+class LabelledPatches:
+    """``batch(step)`` -> image (B,1,z,y,x), seg (B,z,y,x) int64, guidance or None, seeds (list of int)."""
+
+    def __init__(self, volumes: list[LabelledVolume], patch_size: list[int], batch_size: int, guidance: str,
+                 oversample_foreground: float = 0.33, seed: int = 0, rank: int = 0):
+        if not volumes:
+            raise ValueError("no labelled volumes")
+        self.volumes, self.patch, self.batch_size = volumes, tuple(int(p) for p in patch_size), batch_size
+        self.guidance, self.oversample, self.seed, self.rank = guidance, oversample_foreground, seed, rank
+
+    def _start(self, vol: LabelledVolume, rng: np.random.Generator, foreground: bool) -> np.ndarray:
+        shape, patch = np.array(vol.ref.shape), np.array(self.patch)
+        span = np.maximum(shape - patch, 0)
+        present = [k for k, locs in vol.class_locations.items() if locs]
+        if foreground and present:
+            locs = vol.class_locations[present[int(rng.integers(len(present)))]]
+            centre = np.array(locs[int(rng.integers(len(locs)))])
+            return np.clip(centre - patch // 2, 0, span)
+        return np.array([int(rng.integers(0, s + 1)) for s in span])
+
+    def patch_at(self, vol: LabelledVolume, start: np.ndarray) -> dict:
+        ref = vol.ref
+        seed = patch_seed(ref.identifier, start)
+        image = pdata.read_region(open_array(ref.data_path), start, self.patch, fill=-1.0)
+        seg = pdata.read_region(open_array(vol.seg_path), start, self.patch, fill=0.0)[0]
+        guide = guidance_patch(self.guidance, ref, start, self.patch, seed)
+        return {"image": image, "seg": seg.astype(np.int64), "guidance": guide, "seed": seed}
+
+    def batch(self, step: int) -> dict:
+        rng = pdata.step_rng(self.seed, step, self.rank, stream=2)
+        n_random = round(self.batch_size * (1 - self.oversample))
+        items = []
+        for i in range(self.batch_size):
+            vol = self.volumes[int(rng.integers(len(self.volumes)))]
+            items.append(self.patch_at(vol, self._start(vol, rng, foreground=i >= n_random)))
+        return collate(items) | {"step": step}
+
+
+def collate(items: list[dict]) -> dict:
+    guide = items[0]["guidance"]
+    return {
+        "image": torch.from_numpy(np.stack([it["image"] for it in items])),
+        "seg": torch.from_numpy(np.stack([it["seg"] for it in items])),
+        "guidance": torch.from_numpy(np.stack([it["guidance"] for it in items])) if guide is not None else None,
+        "seeds": [it["seed"] for it in items],
+    }

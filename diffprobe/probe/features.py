@@ -1,0 +1,118 @@
+"""Multi-scale, multi-timestep features of the frozen denoiser (the probe's input).
+
+For a clean patch x_0 and each planned timestep t, x_t = q_sample(x_0, t, eps) is fed to the
+denoiser together with the guidance channels; the decoder taps ``dec{l}`` are concatenated
+over timesteps per scale. All timesteps of all patches go through the network in one
+batched forward (``batched=False`` runs one forward per timestep, for the benchmark).
+
+Determinism: eps of a patch is drawn from a CPU generator seeded by the patch seed (case
+identifier and patch position, see :func:`patch_seed`) and the timestep, so the same input
+always gives the same features, on any device, whatever the batch composition.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from diffprobe.diffusion import GaussianDiffusion
+from diffprobe.models import DiffusionUNet
+
+
+def patch_seed(identifier: str, start: Sequence[int]) -> int:
+    """A 31-bit seed from the case identifier and the patch start (z, y, x) on the preprocessed grid."""
+    key = f"{identifier}:{','.join(str(int(s)) for s in start)}"
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+def patch_noise(shape: Sequence[int], seed: int, timesteps: Sequence[int]) -> Tensor:
+    """(T, *shape) standard normal noise, one draw per (seed, timestep), generated on the CPU."""
+    out = []
+    for t in timesteps:
+        g = torch.Generator().manual_seed(seed * 1009 + int(t))
+        out.append(torch.randn(tuple(shape), generator=g))
+    return torch.stack(out)
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen denoiser -> ``{"dec{l}": (B, T * C_l, z_l, y_l, x_l)}`` for the levels the probe reads.
+
+    Args:
+        denoiser: the pretrained denoiser (EMA weights); frozen unless ``trainable``.
+        diffusion: the noise schedule it was trained with.
+        timesteps: feature timesteps (paper: 10, 30, 60 of a linear 1000-step schedule).
+        levels: decoder levels to return (default: all). The decoder stops at the finest one
+            read, so reading only coarse levels skips the expensive full-resolution stages.
+        trainable: fine-tuning (gradients flow into the denoiser).
+    """
+
+    def __init__(self, denoiser: DiffusionUNet, diffusion: GaussianDiffusion, timesteps: Sequence[int],
+                 levels: Sequence[int] | None = None, trainable: bool = False) -> None:
+        super().__init__()
+        if not timesteps:
+            raise ValueError("at least one feature timestep is needed")
+        bad = [t for t in timesteps if not 0 <= int(t) < diffusion.num_timesteps]
+        if bad:
+            raise ValueError(f"timesteps {bad} are outside [0, {diffusion.num_timesteps - 1}]")
+        self.denoiser = denoiser
+        self.diffusion = diffusion
+        self.timesteps = [int(t) for t in timesteps]
+        self.levels = sorted(set(range(denoiser.num_levels) if levels is None else (int(v) for v in levels)))
+        if not self.levels or not 0 <= self.levels[0] <= self.levels[-1] < denoiser.num_levels:
+            raise ValueError(f"levels must lie in [0, {denoiser.num_levels - 1}], got {levels}")
+        self.trainable = trainable
+        if not trainable:
+            for p in self.denoiser.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def feature_channels(self) -> dict[str, int]:
+        return {f"dec{lv}": self.denoiser.feature_channels[f"dec{lv}"] * len(self.timesteps) for lv in self.levels}
+
+    @property
+    def feature_strides(self) -> dict[str, tuple[int, ...]]:
+        return {f"dec{lv}": self.denoiser.feature_strides[f"dec{lv}"] for lv in self.levels}
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """A frozen denoiser stays in eval mode whatever the head does."""
+        super().train(mode)
+        if not self.trainable:
+            self.denoiser.eval()
+        return self
+
+    def noisy_inputs(self, x0: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """x_t for every (patch, timestep), patch-major: row ``b * T + j`` is patch b at timestep j."""
+        b, tn = x0.shape[0], len(self.timesteps)
+        if len(seeds) != b:
+            raise ValueError(f"one seed per patch needed: {b} patches, {len(seeds)} seeds")
+        noise = torch.cat([patch_noise(x0.shape[1:], int(s), self.timesteps) for s in seeds])
+        noise = noise.to(device=x0.device, dtype=x0.dtype)
+        t = torch.tensor(self.timesteps, device=x0.device).repeat(b)
+        x0_rep = x0.repeat_interleave(tn, dim=0)
+        return self.diffusion.q_sample(x0_rep, t, noise), t
+
+    def forward(self, x0: Tensor, guidance: Tensor | None, seeds: Sequence[int],
+                batched: bool = True) -> dict[str, Tensor]:
+        b, tn = x0.shape[0], len(self.timesteps)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            xt, t = self.noisy_inputs(x0, seeds)
+            if batched:
+                g = guidance.repeat_interleave(tn, dim=0) if guidance is not None else None
+                _, feats = self.denoiser(xt, t, g, return_features=True, max_level=self.levels[0])
+                return {k: _merge_timesteps(feats[k], b, tn) for k in self.feature_channels}
+            per_t: dict[str, list[Tensor]] = {k: [] for k in self.feature_channels}
+            xt = xt.view(b, tn, *xt.shape[1:])
+            for j in range(tn):
+                _, feats = self.denoiser(xt[:, j], t[j:j + 1].expand(b), guidance, return_features=True,
+                                         max_level=self.levels[0])
+                for k in per_t:
+                    per_t[k].append(feats[k])
+            return {k: torch.cat(v, dim=1) for k, v in per_t.items()}
+
+
+def _merge_timesteps(f: Tensor, b: int, tn: int) -> Tensor:
+    """(B*T, C, ...) patch-major -> (B, T*C, ...) with timestep j's channels at [j*C, (j+1)*C)."""
+    return f.reshape(b, tn * f.shape[1], *f.shape[2:])

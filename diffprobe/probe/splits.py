@@ -1,0 +1,58 @@
+"""Cross-validation splits, nnU-Net style.
+
+``splits_final.json`` holds a list of ``{"train": [...], "val": [...]}``; diffprobe creates
+it with nnU-Net's own 5-fold generator (same seed, so the folds equal nnU-Net's for the same
+cases) in ``<preprocessed>/DatasetXXX/diffprobe/``. A user-written file there, or nnU-Net's
+``<preprocessed>/DatasetXXX/splits_final.json``, is honoured as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.utils import read_json, write_json
+
+SPLITS_FILENAME = "splits_final.json"
+
+
+def load_or_create_splits(preprocessed_dir: Path, labelled_ids: list[str], n_splits: int = 5) -> tuple[list[dict], Path]:
+    """The splits and the file they came from (created when neither location has one)."""
+    for path in (preprocessed_dir / SPLITS_FILENAME, preprocessed_dir.parent / SPLITS_FILENAME):
+        if path.is_file():
+            try:
+                splits = read_json(path)
+                if not isinstance(splits, list) or not all({"train", "val"} <= set(s) for s in splits):
+                    raise ValueError("not a list of {'train': [...], 'val': [...]}")
+            except ValueError as e:
+                raise DiffprobeError(f"malformed splits file ({e})", path,
+                                     "fix it (a JSON list of {\"train\": [...], \"val\": [...]}) or delete it") from e
+            return splits, path
+    if len(labelled_ids) < 2:
+        raise DiffprobeError(f"{len(labelled_ids)} labelled case(s): cross-validation needs at least 2",
+                             preprocessed_dir, "add labelled cases or train with -f all")
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    splits = generate_crossval_split(sorted(labelled_ids), seed=12345, n_splits=min(n_splits, len(labelled_ids)))
+    path = preprocessed_dir / SPLITS_FILENAME
+    write_json(path, splits)
+    return splits, path
+
+
+def fold_cases(preprocessed_dir: Path, labelled_ids: list[str], fold: str) -> tuple[list[str], list[str]]:
+    """(train ids, validation ids) for fold ``0``..``4`` or ``all`` (validation = training cases, as nnU-Net)."""
+    if fold == "all":
+        return sorted(labelled_ids), sorted(labelled_ids)
+    splits, path = load_or_create_splits(preprocessed_dir, labelled_ids)
+    try:
+        index = int(fold)
+        split = splits[index]
+    except (ValueError, IndexError):
+        raise DiffprobeError(f"fold '{fold}' does not exist ({len(splits)} folds)", path,
+                             f"use -f 0..{len(splits) - 1} or -f all") from None
+    known = set(labelled_ids)
+    missing = [c for c in split["train"] + split["val"] if c not in known]
+    if missing:
+        raise DiffprobeError(f"fold {index} names cases that are not preprocessed labelled cases: "
+                             f"{', '.join(missing[:5])}", path, "fix the splits file or preprocess those cases")
+    return list(split["train"]), list(split["val"])

@@ -1,0 +1,181 @@
+"""``diffprobe train``: fit a probing head on the frozen denoiser's features for one fold.
+
+Reads the dataset's plans (labels, feature timesteps), the pretrained model (denoiser, BPR,
+patch size) and the fold's cases; trains with the shared Trainer (AdamW, warm-up + cosine,
+checkpoints, exact resume with ``--c``); reports a pseudo-Dice on fixed foreground-centred
+validation patches while training and, at the end, the Dice of full sliding-window
+predictions of the validation cases (``validation/summary.json``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffprobe import __version__
+from diffprobe.errors import DiffprobeError
+from diffprobe.plan_and_preprocess import preprocessed_cases
+from diffprobe.preprocessing.storage import case_paths
+from diffprobe.pretraining import data as pdata
+from diffprobe.pretraining.pretrain import load_bpr, model_dir, resolve_device, write_bpr_maps
+from diffprobe.pretraining.sample import load_denoiser
+from diffprobe.probe.data import LabelledPatches, labelled_volumes
+from diffprobe.probe.head import HEADS
+from diffprobe.probe.losses import dice_per_class, segmentation_loss
+from diffprobe.probe.model import (
+    PROBE_FORMAT,
+    ProbeModel,
+    build_probe,
+    configuration_name,
+    file_checksum,
+    probe_dir,
+)
+from diffprobe.probe.splits import fold_cases
+from diffprobe.training import distributed as dist_utils
+from diffprobe.training.trainer import Trainer, TrainerConfig
+from diffprobe.utils import read_json, write_json
+
+PROBE_DEFAULTS: dict[str, Any] = {
+    "steps": 300, "batch_size": 2, "lr": 1e-3, "finetune_lr": 1e-4, "width": 32, "warmup_steps": 20,
+    "checkpoint_every": 100, "validate_every": 100, "val_patches": 8, "oversample_foreground": 0.33,
+    "levels": None,
+}
+
+
+@dataclass
+class ProbeTrainResult:
+    folder: Path
+    history: list = field(default_factory=list)
+    validation: dict | None = None
+
+
+def probe_config(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = dict(PROBE_DEFAULTS)
+    for key, value in (overrides or {}).items():
+        if key not in cfg:
+            raise DiffprobeError(f"unknown probe setting '{key}'", fix=f"use one of {', '.join(cfg)}")
+        if value is not None:
+            cfg[key] = value
+    return cfg
+
+
+def dataset_volumes(dataset: str | int, pretrained: str, pmeta: dict, device: torch.device | str
+                    ) -> tuple[list[pdata.VolumeRef], dict, Path]:
+    """The dataset's preprocessed volumes, with BPR maps from the pretrained BPR when it guides."""
+    data_dir, plans, ids = preprocessed_cases(dataset)
+    refs = pdata.volume_refs(data_dir, ids)
+    if pmeta["guidance"] == "bpr":
+        out = model_dir(pretrained)
+        from diffprobe.pretraining.pretrain import bpr_crop
+
+        refs = write_bpr_maps(load_bpr(out, device), refs, bpr_crop(out), out, device)
+    return refs, plans, data_dir
+
+
+def labelled_ids(data_dir: Path, ids: list[str]) -> list[str]:
+    return [i for i in ids if read_json(case_paths(data_dir, i)["properties"]).get("labelled")]
+
+
+def _loss(model, batch, step: int, probe: ProbeModel, frozen: bool):
+    device = next(probe.head.parameters()).device
+    x0 = batch["image"].to(device)
+    guidance = batch["guidance"].to(device) if batch["guidance"] is not None else None
+    if frozen:
+        with torch.no_grad():
+            feats = probe.extractor(x0, guidance, batch["seeds"])
+        logits = model(feats, tuple(x0.shape[2:]))
+    else:
+        logits = model(x0, guidance, batch["seeds"])
+    return segmentation_loss(logits, batch["seg"].to(device))
+
+
+class PatchValidation:
+    """Pseudo-Dice per class on fixed foreground-centred patches of the validation cases."""
+
+    def __init__(self, probe: ProbeModel, patches: LabelledPatches, labels: dict[str, int], chunk: int):
+        self.probe, self.batch, self.chunk = probe, patches.batch(0), chunk
+        self.names = {v: k for k, v in labels.items()}
+        self.num_classes = max(labels.values()) + 1
+
+    def __call__(self, _model) -> dict[str, float]:
+        device = next(self.probe.head.parameters()).device
+        preds = []
+        b = self.batch
+        for i in range(0, b["image"].shape[0], self.chunk):
+            g = b["guidance"][i:i + self.chunk].to(device) if b["guidance"] is not None else None
+            logits = self.probe(b["image"][i:i + self.chunk].to(device), g, b["seeds"][i:i + self.chunk])
+            preds.append(logits.argmax(1).cpu())
+        dice = dice_per_class(torch.cat(preds), b["seg"], self.num_classes)
+        out = {f"val_dice_{self.names.get(c + 1, c + 1)}": d for c, d in enumerate(dice)}
+        valid = [d for d in dice if d == d]
+        out["val_dice_mean"] = sum(valid) / len(valid) if valid else float("nan")
+        return out
+
+
+def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default", head: str = "fpn",
+                finetune: bool = False, device: str = "auto", resume: bool = False,
+                overrides: dict[str, Any] | None = None, timesteps: list[int] | None = None,
+                seed: int = 0, show_progress: bool = True, final_validation: bool = True,
+                configuration: str | None = None) -> ProbeTrainResult:
+    """Train one fold's probe; returns its folder, training history and validation summary."""
+    if head not in HEADS:
+        raise DiffprobeError(f"unknown head '{head}'", fix=f"use one of {', '.join(HEADS)}")
+    cfg = probe_config(overrides)
+    dev = dist_utils.init_from_env(resolve_device(device))
+    denoiser, pmeta = load_denoiser(pretrained, dev)
+    refs, plans, data_dir = dataset_volumes(dataset, pretrained, pmeta, dev)
+    labelled = labelled_ids(data_dir, [r.identifier for r in refs])
+    train_ids, val_ids = fold_cases(data_dir.parent, labelled, str(fold))
+    timesteps = [int(t) for t in (timesteps or plans["diffusion"]["feature_timesteps"])]
+    labels = plans["labels"]
+    num_classes = max(labels.values()) + 1
+    patch = list(pmeta["preset"]["patch_size"])
+    probe = build_probe(denoiser, pmeta, timesteps, cfg["levels"], head, num_classes, cfg["width"], finetune)
+    probe = probe.to(dev)
+
+    folder = probe_dir(dataset, configuration or configuration_name(pretrained, head, finetune), str(fold))
+    meta = {"format": PROBE_FORMAT, "diffprobe_version": __version__, "dataset": data_dir.parent.parent.name,
+            "fold": str(fold), "pretrained": pretrained,
+            "pretrained_checksum": file_checksum(model_dir(pretrained) / "diffusion" / "checkpoint_final.pt"),
+            "guidance": pmeta["guidance"], "head": head, "finetune": finetune, "timesteps": timesteps,
+            "levels": probe.extractor.levels, "patch_size": patch, "num_classes": num_classes, "labels": labels,
+            "train_cases": train_ids, "val_cases": val_ids, "config": cfg, "seed": seed, "plans": plans}
+    meta_path = folder / "probe.json"
+    if meta_path.is_file() and not resume:
+        raise DiffprobeError("this probe was already trained", folder, "continue it with --c or delete the folder")
+    if meta_path.is_file():
+        old = read_json(meta_path)
+        changed = [k for k in ("pretrained_checksum", "timesteps", "head", "finetune", "patch_size") if old[k] != meta[k]]
+        if changed:
+            raise DiffprobeError(f"--c with different {', '.join(changed)} than the original run", meta_path,
+                                 "use the original settings, or train into a fresh folder")
+    if dist_utils.is_main_process():
+        write_json(meta_path, meta)
+
+    by_id = {r.identifier: r for r in refs}
+    train_vols = labelled_volumes([by_id[i] for i in train_ids])
+    val_vols = labelled_volumes([by_id[i] for i in val_ids])
+    rank = dist_utils.rank()
+    source = LabelledPatches(train_vols, patch, cfg["batch_size"], pmeta["guidance"], cfg["oversample_foreground"],
+                             seed, rank)
+    validation = PatchValidation(probe, LabelledPatches(val_vols, patch, cfg["val_patches"], pmeta["guidance"], 1.0,
+                                                        seed + 1), labels, cfg["batch_size"])
+    tcfg = TrainerConfig(total_steps=cfg["steps"], lr=cfg["finetune_lr"] if finetune else cfg["lr"],
+                         warmup_steps=cfg["warmup_steps"], checkpoint_every=cfg["checkpoint_every"], seed=seed,
+                         samples_per_step=cfg["batch_size"], validate_every=cfg["validate_every"],
+                         extra={"stage": "probe", "head": head, "finetune": finetune})
+    trainer = Trainer(probe if finetune else probe.head, functools.partial(_loss, probe=probe, frozen=not finetune),
+                      tcfg, folder, dev, name=f"probe fold {fold}", validate=validation)
+    if resume:
+        trainer.resume()
+    history = trainer.fit(lambda start: pdata.loader(source, start, 0), show_progress)
+    result = ProbeTrainResult(folder, history)
+    if final_validation and dist_utils.is_main_process():
+        from diffprobe.predict.validation import validate_fold
+
+        result.validation = validate_fold(folder, data_dir, val_ids, dev, show_progress)
+    return result
