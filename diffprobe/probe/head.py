@@ -44,8 +44,11 @@ class FPNHead(nn.Module):
     def __init__(self, feature_channels: dict[str, int], num_classes: int, width: int = 32, blocks: int = 1) -> None:
         super().__init__()
         self.keys = sorted(feature_channels, key=lambda k: int(k[3:]))  # fine -> coarse
+        # GroupNorm on the raw features: the denoiser's taps differ in scale between levels and
+        # timesteps; normalising them makes one learning rate fit every scale (vox2vec uses BatchNorm).
         self.lateral = nn.ModuleDict({
-            k: nn.Sequential(nn.Conv3d(feature_channels[k], width, 1), *[PointwiseBlock(width) for _ in range(blocks)])
+            k: nn.Sequential(nn.GroupNorm(_groups(feature_channels[k]), feature_channels[k]),
+                             nn.Conv3d(feature_channels[k], width, 1), *[PointwiseBlock(width) for _ in range(blocks)])
             for k in self.keys})
         self.merge = nn.ModuleDict({k: PointwiseBlock(width) for k in self.keys[:-1]})
         self.out = nn.Sequential(nn.GroupNorm(_groups(width), width), nn.SiLU(), nn.Conv3d(width, num_classes, 1))

@@ -16,7 +16,8 @@ from diffprobe.utils import read_json, write_json
 SPLITS_FILENAME = "splits_final.json"
 
 
-def load_or_create_splits(preprocessed_dir: Path, labelled_ids: list[str], n_splits: int = 5) -> tuple[list[dict], Path]:
+def load_or_create_splits(preprocessed_dir: Path, labelled_ids: list[str],
+                          n_splits: int = 5) -> tuple[list[dict], Path]:
     """The splits and the file they came from (created when neither location has one)."""
     for path in (preprocessed_dir / SPLITS_FILENAME, preprocessed_dir.parent / SPLITS_FILENAME):
         if path.is_file():

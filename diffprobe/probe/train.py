@@ -149,7 +149,8 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
         raise DiffprobeError("this probe was already trained", folder, "continue it with --c or delete the folder")
     if meta_path.is_file():
         old = read_json(meta_path)
-        changed = [k for k in ("pretrained_checksum", "timesteps", "head", "finetune", "patch_size") if old[k] != meta[k]]
+        keys = ("pretrained_checksum", "timesteps", "head", "finetune", "patch_size")
+        changed = [k for k in keys if old[k] != meta[k]]
         if changed:
             raise DiffprobeError(f"--c with different {', '.join(changed)} than the original run", meta_path,
                                  "use the original settings, or train into a fresh folder")

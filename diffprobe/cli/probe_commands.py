@@ -1,0 +1,61 @@
+"""Probe commands: train (probing head on frozen features) and predict (sliding window)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from diffprobe.cli.app import command, console
+
+
+@command("train", "diffprobe train -d 1 -f 0 --pretrained default   (all folds: -f all; linear probe: --head linear)")
+def train_cmd(
+    dataset: str = typer.Option(..., "-d", "--dataset", help="dataset id (1, 001 or Dataset001_Name)"),
+    fold: str = typer.Option("0", "-f", "--fold", help="fold 0-4 (5-fold split like nnU-Net) or all"),
+    pretrained: str = typer.Option("default", "--pretrained", "-m", help="pretrained model name"),
+    head: str = typer.Option("fpn", "--head", help="fpn (non-linear, vox2vec style) or linear"),
+    finetune: bool = typer.Option(False, "--finetune", help="train the denoiser as well (not frozen)"),
+    device: str = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda or cuda:N"),
+    resume: bool = typer.Option(False, "--c", "--continue", help="resume from checkpoint_latest (may extend steps)"),
+    steps: int | None = typer.Option(None, "--steps", help="training steps (default 300)"),
+    batch_size: int | None = typer.Option(None, "--batch_size", help="patches per step (default 2)"),
+    lr: float | None = typer.Option(None, "--lr", help="head learning rate"),
+    timesteps: list[int] | None = typer.Option(None, "--t", "--timesteps",
+                                               help="feature timesteps (default: the plans' feature_timesteps)"),
+    seed: int = typer.Option(0, "--seed", help="random seed"),
+) -> None:
+    """Train a probing head on the frozen pretrained denoiser's multi-timestep features."""
+    from diffprobe.probe.train import train_probe
+
+    result = train_probe(dataset, fold, pretrained, head, finetune, device, resume,
+                         {"steps": steps, "batch_size": batch_size, "lr": lr}, timesteps or None, seed)
+    if result.validation:
+        from diffprobe.predict.validation import format_validation
+
+        console.print(format_validation(result.validation), highlight=False, markup=False)
+    console.print(f"[green]done[/] {result.folder}", highlight=False)
+
+
+@command("predict", "diffprobe predict -i imagesTs -o segs -d 1 -f 0   (short form: diffprobe predict -i imgs -o segs)")
+def predict_cmd(
+    inputs: Path = typer.Option(..., "-i", "--input", help="folder of <case>_0000 images, one image, or a DICOM folder"),
+    output: Path = typer.Option(..., "-o", "--output", help="output folder for the label maps"),
+    dataset: str | None = typer.Option(None, "-d", "--dataset", help="dataset id; default: the only trained one"),
+    configuration: str | None = typer.Option(None, "-c", "--configuration",
+                                             help="trained configuration (PRETRAINED__HEAD); default: the only one"),
+    folds: list[str] | None = typer.Option(None, "-f", "--fold", help="folds to ensemble; default: all trained"),
+    device: str = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda, cuda:N or mps"),
+    step_size: float = typer.Option(0.5, "-step_size", "--step_size", help="tile step as a fraction of the patch"),
+    tta: bool = typer.Option(False, "--tta", help="mirroring test-time augmentation (8x slower)"),
+    save_probabilities: bool = typer.Option(False, "--save_probabilities", help="also write <case>.npz"),
+    continue_prediction: bool = typer.Option(False, "--continue_prediction", help="skip cases already written"),
+    num_parts: int = typer.Option(1, "-num_parts", "--num_parts", help="split the cases into this many parts"),
+    part_id: int = typer.Option(0, "-part_id", "--part_id", help="which part this process predicts"),
+) -> None:
+    """Segment CT images with a trained probe; outputs keep each input's exact geometry."""
+    from diffprobe.predict.predictor import predict
+
+    written = predict(inputs, output, dataset, configuration, folds, device, step_size, tta, save_probabilities,
+                      continue_prediction, num_parts, part_id)
+    console.print(f"[green]wrote[/] {len(written)} segmentation(s) to {output}", highlight=False)
