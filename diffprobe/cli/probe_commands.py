@@ -39,7 +39,8 @@ def train_cmd(
 
 @command("predict", "diffprobe predict -i imagesTs -o segs -d 1 -f 0   (short form: diffprobe predict -i imgs -o segs)")
 def predict_cmd(
-    inputs: Path = typer.Option(..., "-i", "--input", help="folder of <case>_0000 images, one image, or a DICOM folder"),
+    inputs: Path = typer.Option(..., "-i", "--input",
+                                help="folder of <case>_0000 images, one image, or a DICOM folder"),
     output: Path = typer.Option(..., "-o", "--output", help="output folder for the label maps"),
     dataset: str | None = typer.Option(None, "-d", "--dataset", help="dataset id; default: the only trained one"),
     configuration: str | None = typer.Option(None, "-c", "--configuration",

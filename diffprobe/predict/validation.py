@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffprobe.evaluation.metrics import case_metrics
 from diffprobe.evaluation.evaluate import to_json_safe
+from diffprobe.evaluation.metrics import case_metrics
 from diffprobe.parallel import progress_bar
 from diffprobe.predict.predictor import predict_logits
 from diffprobe.preprocessing.storage import load_case
