@@ -63,7 +63,13 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (and exits with it)."""
-    from diffprobe.cli import data_commands, evaluate_commands, pretrain_commands, probe_commands  # noqa: F401  (registers commands)
+    from diffprobe.cli import (  # noqa: F401  (registers commands)
+        data_commands,
+        demo_commands,
+        evaluate_commands,
+        pretrain_commands,
+        probe_commands,
+    )
 
     args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
     code = 0

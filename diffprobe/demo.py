@@ -1,0 +1,142 @@
+"""``diffprobe demo``: the whole pipeline on built-in phantoms, in one command.
+
+make_phantoms -> plan_and_preprocess -> pretrain (tiny) -> train (probe, fold all) ->
+predict (held-out phantoms) -> evaluate, in its own folder (``--output``, default
+``./diffprobe_demo``) with its own raw/preprocessed/results roots. Every stage resumes, so
+rerunning after an interruption continues where it stopped. ``compare_random`` also probes
+a randomly initialised, untrained denoiser (same BPR, head and budget) and prints both rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffprobe import paths
+
+DEMO_DATASET = "Dataset001_Phantoms"
+
+
+@dataclass
+class DemoSize:
+    """Budgets of one demo run; ``quick`` is the reduced size CI runs."""
+
+    num_labelled: int = 8
+    num_unlabelled: int = 4
+    num_test: int = 4
+    fov_mm: float = 110.0
+    bpr_steps: int | None = None  # None: the tiny preset's
+    diffusion_steps: int | None = None
+    probe_steps: int = 300
+
+    @classmethod
+    def quick(cls) -> DemoSize:
+        return cls(num_labelled=3, num_unlabelled=1, num_test=1, fov_mm=60.0, bpr_steps=4, diffusion_steps=4,
+                   probe_steps=4)
+
+
+@dataclass
+class DemoResult:
+    folder: Path
+    rows: dict[str, dict] = field(default_factory=dict)  # model -> evaluation summary
+    seconds: dict[str, float] = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def demo_roots(folder: Path) -> Iterator[dict[str, Path]]:
+    """Point DIFFPROBE_RAW/PREPROCESSED/RESULTS at ``folder`` for the duration of the demo."""
+    roots = {k: folder / k for k in ("raw", "preprocessed", "results")}
+    old = {k: os.environ.get(f"DIFFPROBE_{k.upper()}") for k in roots}
+    os.environ.update({f"DIFFPROBE_{k.upper()}": str(v) for k, v in roots.items()})
+    try:
+        yield roots
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(f"DIFFPROBE_{k.upper()}", None)
+            else:
+                os.environ[f"DIFFPROBE_{k.upper()}"] = v
+
+
+def _timed(result: DemoResult, stage: str, fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    result.seconds[stage] = result.seconds.get(stage, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def _probe_and_score(result: DemoResult, pretrained: str, size: DemoSize, device: str, show: bool) -> dict:
+    from diffprobe.evaluation import evaluate_folders
+    from diffprobe.predict.predictor import predict
+    from diffprobe.probe.model import configuration_name, probe_dir
+    from diffprobe.probe.train import train_probe
+
+    config = configuration_name(pretrained, "fpn", False)
+    done = (probe_dir(1, config, "all") / "checkpoint_final.pt").is_file()
+    if not done:
+        resume = (probe_dir(1, config, "all") / "probe.json").is_file()
+        _timed(result, f"train ({pretrained})", train_probe, 1, "all", pretrained, device=device, resume=resume,
+               overrides={"steps": size.probe_steps}, show_progress=show, final_validation=False)
+    raw = paths.raw_dataset_dir(1)
+    preds = result.folder / "predictions" / pretrained
+    _timed(result, f"predict ({pretrained})", predict, raw / "imagesTs", preds, dataset=1, configuration=config,
+           device=device, continue_prediction=True, show_progress=show)
+    from diffprobe.dataset.dataset_json import load_dataset_json
+
+    labels = load_dataset_json(raw).labels
+    return _timed(result, "evaluate", evaluate_folders, raw / "labelsTs", preds, labels=labels,
+                  output=preds / "summary.json", show_progress=False)
+
+
+def run_demo(folder: str | Path = "diffprobe_demo", compare_random: bool = False, size: DemoSize | None = None,
+             device: str = "auto", show_progress: bool = True) -> DemoResult:
+    """Run (or continue) the demo in ``folder``; returns the evaluation rows, timings and figures."""
+    from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
+    from diffprobe.plan_and_preprocess import plan_and_preprocess
+    from diffprobe.pretraining.pretrain import model_dir, pretrain
+
+    size = size or DemoSize()
+    folder = Path(folder).resolve()
+    result = DemoResult(folder)
+    with demo_roots(folder) as roots:
+        raw = roots["raw"] / DEMO_DATASET
+        if not (raw / "dataset.json").is_file():
+            cfg = PhantomConfig(num_train_labelled=size.num_labelled, num_train_unlabelled=size.num_unlabelled,
+                                num_test=size.num_test, fov_mm=size.fov_mm)
+            _timed(result, "make_phantoms", make_phantom_dataset, raw, cfg)
+        _timed(result, "plan_and_preprocess", plan_and_preprocess, 1, num_processes=2, show_progress=show_progress)
+        if not (model_dir("demo") / "diffusion" / "checkpoint_final.pt").is_file():
+            _timed(result, "pretrain", pretrain, ["1"], name="demo", preset="tiny", device=device,
+                   resume=(model_dir("demo") / "model.json").is_file(), show_progress=show_progress,
+                   overrides={"bpr_steps": size.bpr_steps, "diffusion_steps": size.diffusion_steps})
+        result.rows["pretrained"] = _probe_and_score(result, "demo", size, device, show_progress)
+        if compare_random:
+            from diffprobe.pretraining.baseline import make_random_init_model
+
+            make_random_init_model("demo", "demo_random_init")
+            result.rows["random init"] = _probe_and_score(result, "demo_random_init", size, device, show_progress)
+        from diffprobe.overlays import plot_overlays
+
+        result.figures.append(plot_overlays(raw / "imagesTs", raw / "labelsTs", result.folder / "predictions" / "demo",
+                                            result.folder / "overlay.png"))
+        result.figures += sorted((roots["results"]).rglob("*_curve.png"))
+    return result
+
+
+def format_rows(result: DemoResult) -> str:
+    """Dice per class, one row per model, plus the mean over foreground classes."""
+    rows = list(result.rows.items())
+    classes = list(rows[0][1]["mean"])
+    names = {str(v): n for n, v in rows[0][1]["labels"].items()}
+    head = f"{'model':<14}" + "".join(f"{names.get(c, c)[:12]:>13}" for c in classes) + f"{'mean':>9}"
+    lines = [head, "-" * len(head)]
+    for name, summary in rows:
+        vals = [summary["mean"][c]["Dice"] for c in classes]
+        fg = summary["foreground_mean"]["Dice"]
+        lines.append(f"{name:<14}" + "".join(f"{v:>13.3f}" for v in vals) + f"{fg:>9.3f}")
+    return "\n".join(lines)
