@@ -106,3 +106,58 @@ def use_phantom_roots(phantom_roots, monkeypatch) -> dict[str, Path]:
     for k, v in phantom_roots.items():
         monkeypatch.setenv(f"DIFFPROBE_{k.upper()}", str(v))
     return phantom_roots
+
+
+@pytest.fixture(scope="session")
+def trained_probe_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Own roots (not phantom_roots': tests there add models) with tiny phantoms, a tiny pretrained
+    model 'tiny' and one trained probe (fold 'all', configuration tiny__fpn): the only model in results."""
+    import os
+
+    import torch
+
+    from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
+
+    base = tmp_path_factory.mktemp("trained_probe_roots")
+    roots = {k: base / k for k in ("raw", "preprocessed", "results")}
+    cfg = PhantomConfig(num_train_labelled=3, num_train_unlabelled=1, num_test=1, fov_mm=60,
+                        spacing_inplane=(1.0, 1.3), spacing_slice=(2.0, 3.0), scan_length_mm=(50, 70))
+    make_phantom_dataset(roots["raw"] / "Dataset001_Phantoms", cfg)
+    old = {k: os.environ.get(f"DIFFPROBE_{k.upper()}") for k in roots}
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for k, v in roots.items():
+        os.environ[f"DIFFPROBE_{k.upper()}"] = str(v)
+    try:
+        from diffprobe.plan_and_preprocess import plan_and_preprocess
+        from diffprobe.pretraining.pretrain import pretrain
+        from diffprobe.probe.train import train_probe
+
+        plan_and_preprocess(1, num_processes=1, show_progress=False)
+        pretrain(["1"], name="tiny", preset="tiny", overrides={"bpr_steps": 3, "diffusion_steps": 3, "num_workers": 0},
+                 show_progress=False)
+        train_probe(1, "all", "tiny", overrides={"steps": 3, "validate_every": 0}, show_progress=False,
+                    final_validation=False)
+    finally:
+        torch.set_num_threads(old_threads)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(f"DIFFPROBE_{k.upper()}", None)
+            else:
+                os.environ[f"DIFFPROBE_{k.upper()}"] = v
+    return roots
+
+
+@pytest.fixture
+def use_trained_probe_roots(trained_probe_roots, monkeypatch):
+    """trained_probe_roots as the data roots (nnU-Net fallbacks cleared), torch on one thread."""
+    import torch
+
+    for k, v in trained_probe_roots.items():
+        monkeypatch.setenv(f"DIFFPROBE_{k.upper()}", str(v))
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.delenv(var, raising=False)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield trained_probe_roots
+    torch.set_num_threads(old_threads)

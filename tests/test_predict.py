@@ -1,0 +1,298 @@
+"""``diffprobe predict`` with a tiny trained probe: exact output geometry, determinism, resuming,
+partitioning, probabilities, single files, DICOM series and the CLI short form."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import SHARED_REAL_CT, body_volume, write_sitk
+
+from diffprobe.cli.app import main
+from diffprobe.errors import DiffprobeError
+from diffprobe.io.geometry import reorient_onto
+from diffprobe.io.image_io import geometry_of, read_image
+from diffprobe.predict.predictor import predict
+
+LABELS = set(range(7))  # the phantom dataset's background + 6 organs
+SHAPE = (20, 56, 64)  # z, y, x: 50-60 mm across at ~1 mm, like the training phantoms (fov 60 mm)
+SMALL = (12, 40, 48)
+
+
+def rotation(axis: int, degrees: float) -> tuple[float, ...]:
+    """Row-major 3x3 rotation about world axis ``axis`` (0=x, 1=y, 2=z) as a SimpleITK direction."""
+    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    m = np.eye(3)
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    return tuple(m.reshape(-1))
+
+
+def write_case(folder: Path, name: str, shape=SHAPE, seed: int = 0, ending: str = ".nii.gz", **geometry) -> Path:
+    img, _ = body_volume(shape, seed=seed)
+    return write_sitk(img, folder / f"{name}_0000{ending}", **geometry)
+
+
+def sitk_geometry(path: Path) -> dict[str, np.ndarray]:
+    img = sitk.ReadImage(str(path))
+    return {"size": np.array(img.GetSize()), "spacing": np.array(img.GetSpacing()),
+            "origin": np.array(img.GetOrigin()), "direction": np.array(img.GetDirection())}
+
+
+def read_array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def assert_same_geometry(out: Path, ref: Path) -> None:
+    a, b = sitk_geometry(out), sitk_geometry(ref)
+    assert np.array_equal(a["size"], b["size"]), f"{out.name}: size {a['size']} vs input {b['size']}"
+    for key in ("spacing", "origin", "direction"):
+        assert np.allclose(a[key], b[key], rtol=0, atol=1e-6), f"{out.name}: {key} {a[key]} vs input {b[key]}"
+
+
+# ---- geometry --------------------------------------------------------------------------------
+GEOMETRIES = {  # name: (file ending, geometry)
+    "aniso": (".nii.gz", {"spacing": (0.7, 0.9, 2.5)}),
+    "oblique": (".nii.gz", {"spacing": (0.8, 0.85, 2.0), "origin": (12.5, -40.0, 7.25),
+                            "direction": rotation(1, 20)}),  # about y: mixes the fine x and the coarse z axis
+    "obliquemha": (".mha", {"spacing": (1.1, 0.9, 2.2), "origin": (-3.0, 5.5, -60.0),
+                            "direction": rotation(0, -25)}),
+    "flipped": (".nrrd", {"spacing": (1.2, 1.0, 3.0), "origin": (-120.5, 33.25, 400.0),
+                          "direction": (-1, 0, 0, 0, 1, 0, 0, 0, -1)}),
+    "permuted": (".nii", {"spacing": (1.0, 1.3, 2.0), "origin": (5.0, 6.0, -7.0),
+                          "direction": (0, 0, 1, 1, 0, 0, 0, 1, 0)}),  # index x->world y, y->z, z->x
+}
+
+
+def test_output_keeps_exact_input_geometry(use_trained_probe_roots, tmp_path):
+    inputs = tmp_path / "in"
+    for seed, (name, (ending, geometry)) in enumerate(GEOMETRIES.items()):
+        write_case(inputs, name, seed=seed, ending=ending, **geometry)
+    written = predict(inputs, tmp_path / "out", dataset=1, show_progress=False)
+    assert sorted(p.name for p in written) == sorted(name + ending for name, (ending, _) in GEOMETRIES.items())
+    for name, (ending, geometry) in GEOMETRIES.items():
+        out, src = tmp_path / "out" / f"{name}{ending}", inputs / f"{name}_0000{ending}"
+        assert_same_geometry(out, src)
+        # and what was asked for (NIfTI stores float32, hence the looser tolerance)
+        g = sitk_geometry(out)
+        assert np.allclose(g["spacing"], geometry["spacing"], atol=1e-5)
+        assert np.allclose(g["origin"], geometry.get("origin", (0, 0, 0)), atol=1e-4)
+        assert np.allclose(g["direction"], geometry.get("direction", np.eye(3).reshape(-1)), atol=1e-5)
+        img = sitk.ReadImage(str(out))
+        assert img.GetPixelID() == sitk.sitkUInt8, name
+        values = set(np.unique(sitk.GetArrayFromImage(img)).tolist())
+        assert values <= LABELS and len(values) > 1, (name, values)
+
+
+def test_output_follows_the_input_voxel_layout(use_trained_probe_roots, tmp_path):
+    """The same physical scan stored flipped or with x/y swapped gives the same segmentation, voxel for
+    voxel, once the outputs are brought onto one grid: orientation is undone, not only declared."""
+    img, _ = body_volume(SHAPE, seed=4)
+    spacing, origin = (0.9, 1.1, 2.5), (-20.0, 10.0, 30.0)
+    nz, _, nx = SHAPE
+    variants = {
+        "plain": (img, {"spacing": spacing, "origin": origin}),
+        "flipped": (img[::-1, :, ::-1], {"spacing": spacing, "direction": (-1, 0, 0, 0, 1, 0, 0, 0, -1),
+                                          "origin": (origin[0] + (nx - 1) * spacing[0], origin[1],
+                                                     origin[2] + (nz - 1) * spacing[2])}),
+        "swapped": (img.transpose(0, 2, 1), {"spacing": (spacing[1], spacing[0], spacing[2]), "origin": origin,
+                                             "direction": (0, 1, 0, 1, 0, 0, 0, 0, 1)}),
+    }
+    outs = {}
+    for name, (array, geometry) in variants.items():
+        # same case name everywhere: the features' noise is seeded by case name and tile position
+        write_sitk(np.ascontiguousarray(array), tmp_path / name / "case_0000.nii.gz", **geometry)
+        (out,) = predict(tmp_path / name, tmp_path / f"out_{name}", dataset=1, show_progress=False)
+        outs[name] = read_image(out, dtype=np.uint8)
+    ref = outs["plain"]
+    for name in ("flipped", "swapped"):
+        moved, rel = reorient_onto(outs[name].array, outs[name].geometry, ref.geometry)
+        assert rel.kind == "reoriented", name
+        np.testing.assert_array_equal(moved, ref.array, err_msg=name)
+    assert len(np.unique(ref.array)) > 1
+
+
+# ---- determinism, resuming, partitioning --------------------------------------------------------------
+def test_two_runs_are_byte_identical(use_trained_probe_roots, tmp_path):
+    write_case(tmp_path / "in", "a", seed=1, spacing=(0.8, 0.8, 2.5))
+    write_case(tmp_path / "in", "b", shape=SMALL, seed=2, ending=".mha", direction=rotation(2, 15))
+    runs = [predict(tmp_path / "in", tmp_path / f"out{r}", dataset=1, save_probabilities=True,
+                    show_progress=False) for r in range(2)]
+    for first, second in zip(*runs):
+        assert first.name == second.name
+        np.testing.assert_array_equal(read_array(first), read_array(second))
+        # SimpleITK writes no timestamp (gzip header mtime 0, MetaImage has none): the files are identical
+        assert first.read_bytes() == second.read_bytes(), first.name
+        # .npz files are zip archives with member timestamps, so only their arrays are compared
+        case = first.name.split(".")[0]
+        with np.load(first.parent / f"{case}.npz") as p1, np.load(second.parent / f"{case}.npz") as p2:
+            np.testing.assert_array_equal(p1["probabilities"], p2["probabilities"])
+
+
+def test_continue_prediction_skips_existing_outputs(use_trained_probe_roots, tmp_path):
+    for i in range(2):
+        write_case(tmp_path / "in", f"c{i}", shape=SMALL, seed=i)
+    out = tmp_path / "out"
+    first = predict(tmp_path / "in", out, dataset=1, show_progress=False)
+    old = 1_000_000_000
+    for f in first:
+        os.utime(f, (old, old))
+    (out / "c1.nii.gz").unlink()
+    again = predict(tmp_path / "in", out, dataset=1, continue_prediction=True, show_progress=False)
+    assert [p.name for p in again] == ["c0.nii.gz", "c1.nii.gz"]
+    assert (out / "c0.nii.gz").stat().st_mtime == old  # skipped
+    assert (out / "c1.nii.gz").is_file() and (out / "c1.nii.gz").stat().st_mtime > old  # predicted again
+    # without --continue_prediction everything is predicted again
+    predict(tmp_path / "in", out, dataset=1, show_progress=False)
+    assert (out / "c0.nii.gz").stat().st_mtime > old
+    # an output written without probabilities is not "done" for a run that asks for them
+    os.utime(out / "c0.nii.gz", (old, old))
+    predict(tmp_path / "in", out, dataset=1, continue_prediction=True, save_probabilities=True, show_progress=False)
+    assert (out / "c0.npz").is_file() and (out / "c1.npz").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_parts_partition_the_cases(use_trained_probe_roots, tmp_path):
+    names = [f"p{i}" for i in range(3)]
+    for i, name in enumerate(names):
+        write_case(tmp_path / "in", name, shape=SMALL, seed=i)
+    parts = [{p.name for p in predict(tmp_path / "in", tmp_path / f"out{k}", dataset=1, num_parts=2, part_id=k,
+                                      show_progress=False)} for k in range(2)]
+    assert not parts[0] & parts[1]
+    assert parts[0] | parts[1] == {f"{n}.nii.gz" for n in names}
+    for k in range(2):
+        assert {p.name for p in (tmp_path / f"out{k}").iterdir()} == parts[k]
+    with pytest.raises(DiffprobeError, match="part_id"):
+        predict(tmp_path / "in", tmp_path / "out", dataset=1, num_parts=2, part_id=2, show_progress=False)
+
+
+# ---- probabilities ---------------------------------------------------------------------------------
+def test_save_probabilities(use_trained_probe_roots, tmp_path):
+    write_case(tmp_path / "in", "prob", seed=5, spacing=(0.7, 0.9, 2.5), direction=rotation(2, 20))
+    (seg_path,) = predict(tmp_path / "in", tmp_path / "out", dataset=1, save_probabilities=True,
+                          show_progress=False)
+    seg = read_array(seg_path)
+    with np.load(tmp_path / "out" / "prob.npz") as f:
+        probs = f["probabilities"].astype(np.float32)
+    assert probs.shape == (len(LABELS), *seg.shape)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=2e-2)
+    argmax = probs.argmax(0)
+    assert (argmax == seg).mean() > 0.95
+    foreground = (argmax > 0) | (seg > 0)
+    assert foreground.any() and (argmax == seg)[foreground].mean() > 0.8
+
+
+# ---- input kinds --------------------------------------------------------------------------------------
+def test_single_image_file_input(use_trained_probe_roots, tmp_path):
+    path = write_case(tmp_path / "in", "single", shape=SMALL, spacing=(0.9, 0.9, 2.5))
+    assert predict(path, tmp_path / "out", dataset=1, show_progress=False) == [tmp_path / "out" / "single.nii.gz"]
+    assert_same_geometry(tmp_path / "out" / "single.nii.gz", path)
+    # a name without the channel suffix is the case name; the ending is kept
+    img, _ = body_volume(SMALL, seed=1)
+    plain = write_sitk(img, tmp_path / "in" / "scan.mha", spacing=(1.0, 1.0, 2.0))
+    assert predict(plain, tmp_path / "out", dataset=1, show_progress=False) == [tmp_path / "out" / "scan.mha"]
+    assert_same_geometry(tmp_path / "out" / "scan.mha", plain)
+
+
+def test_detached_header_input_gives_single_file_output(use_trained_probe_roots, tmp_path):
+    """.mhd/.nhdr are two files; written atomically under a temporary name the header would point to a
+    hidden temporary data file, so their segmentations are written as .mha/.nrrd."""
+    img, _ = body_volume(SMALL, seed=2)
+    mhd = write_sitk(img, tmp_path / "in" / "scan.mhd", spacing=(0.9, 1.0, 2.5), origin=(1.0, 2.0, 3.0))
+    nhdr = write_sitk(img, tmp_path / "in" / "other.nhdr", spacing=(0.9, 1.0, 2.5), direction=rotation(2, 10))
+    out = tmp_path / "out"
+    assert predict(mhd, out, dataset=1, show_progress=False) == [out / "scan.mha"]
+    assert predict(nhdr, out, dataset=1, show_progress=False) == [out / "other.nrrd"]
+    assert sorted(p.name for p in out.iterdir()) == ["other.nrrd", "scan.mha"]
+    assert_same_geometry(out / "scan.mha", mhd)
+    assert_same_geometry(out / "other.nrrd", nhdr)
+
+
+def write_dicom_series(array: np.ndarray, folder: Path, spacing, origin) -> Path:
+    """One CT series, one int16 file per axial slice (SimpleITK's DicomSeriesFromArray recipe).
+
+    Files are named in an order unrelated to the slice order (the reader must sort by position)."""
+    folder.mkdir(parents=True)
+    img = sitk.GetImageFromArray(array.astype(np.int16))
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetOrigin([float(o) for o in origin])
+    uid = "1.2.826.0.1.3680043.8.498.7391"
+    series = [("0008|0060", "CT"), ("0008|0008", "ORIGINAL\\PRIMARY\\AXIAL"), ("0010|0010", "Phantom^Test"),
+              ("0010|0020", "PHANTOM1"), ("0020|000d", f"{uid}.1"), ("0020|000e", f"{uid}.2"),
+              ("0020|0052", f"{uid}.3"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+              ("0028|0030", f"{spacing[1]:g}\\{spacing[0]:g}"), ("0018|0050", f"{spacing[2]:g}"),
+              ("0028|1052", "0"), ("0028|1053", "1"), ("0008|103e", "diffprobe test series")]
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    n = array.shape[0]
+    for k in range(n):
+        sl = img[:, :, k]
+        for tag, value in series:
+            sl.SetMetaData(tag, value)
+        sl.SetMetaData("0020|0032", "\\".join(f"{p:g}" for p in img.TransformIndexToPhysicalPoint((0, 0, k))))
+        sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0008|0018", f"{uid}.4.{k + 1}")
+        writer.SetFileName(str(folder / f"IM{(7 * k) % n:04d}"))  # no extension, like many scanners
+        writer.Execute(sl)
+    return folder
+
+
+def test_dicom_series_folder_equals_nifti(use_trained_probe_roots, tmp_path, monkeypatch):
+    img, _ = body_volume(SHAPE, seed=6)
+    spacing, origin = (0.75, 0.75, 2.5), (-30.5, -12.25, 100.0)
+    dicom = write_dicom_series(img, tmp_path / "dicom_in" / "scan", spacing, origin)
+    nifti = write_sitk(img, tmp_path / "nifti_in" / "scan_0000.nii.gz", spacing, origin)
+    series = read_image(dicom)
+    assert series.geometry == geometry_of(sitk.ReadImage(str(nifti)))
+    np.testing.assert_array_equal(series.array, img)
+
+    (from_dicom,) = predict(dicom, tmp_path / "out_dicom", dataset=1, show_progress=False)
+    (from_nifti,) = predict(nifti.parent, tmp_path / "out_nifti", dataset=1, show_progress=False)
+    assert from_dicom.name == from_nifti.name == "scan.nii.gz"  # DICOM: the folder name, written as NIfTI
+    assert_same_geometry(from_dicom, nifti)
+    np.testing.assert_array_equal(read_array(from_dicom), read_array(from_nifti))
+    # "-i ." inside the series folder names the case after the folder too (not a hidden ".nii.gz")
+    monkeypatch.chdir(dicom)
+    (here,) = predict(".", tmp_path / "out_here", dataset=1, show_progress=False)
+    assert here.name == "scan.nii.gz"
+    assert here.read_bytes() == from_dicom.read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_REAL_CT / "dicom").is_dir(), reason="../shared/data/real-ct not present")
+def test_real_ct_dicom_equals_nifti(use_trained_probe_roots, tmp_path):
+    """The real 512x512x20 series: its DICOM folder and its NIfTI export segment identically.
+
+    Both inputs are linked under one case name (the features' noise is seeded by it); step 1.0 (no tile
+    overlap) keeps each prediction near 15 s on 2 CPU cores instead of ~45 s."""
+    (tmp_path / "dicom_in").mkdir()
+    (tmp_path / "nifti_in").mkdir()
+    dicom = tmp_path / "dicom_in" / "abdomen"
+    dicom.symlink_to(SHARED_REAL_CT / "dicom", target_is_directory=True)
+    nifti = tmp_path / "nifti_in" / "abdomen_0000.nii.gz"
+    nifti.symlink_to(SHARED_REAL_CT / "abdomen_dicom_0000.nii.gz")
+    (a,) = predict(dicom, tmp_path / "out_dicom", dataset=1, step_size=1.0, show_progress=False)
+    (b,) = predict(nifti, tmp_path / "out_nifti", dataset=1, step_size=1.0, show_progress=False)
+    assert a.name == b.name == "abdomen.nii.gz"
+    seg_a, seg_b = read_array(a), read_array(b)
+    assert seg_a.shape == (20, 512, 512)
+    np.testing.assert_array_equal(seg_a, seg_b)
+    ga, gb = sitk_geometry(a), sitk_geometry(b)
+    assert np.array_equal(ga["size"], gb["size"])
+    np.testing.assert_allclose(ga["spacing"], gb["spacing"], atol=1e-4)  # DICOM decimal strings vs float32
+    np.testing.assert_allclose(ga["origin"], gb["origin"], atol=1e-3)
+    np.testing.assert_allclose(ga["direction"], gb["direction"], atol=1e-6)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+def test_cli_short_form_and_missing_input(use_trained_probe_roots, tmp_path, capsys):
+    path = write_case(tmp_path / "in", "cli", shape=SMALL, seed=3)
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")]) == 0  # no -d: the only model
+    assert_same_geometry(tmp_path / "out" / "cli.nii.gz", path)
+    capsys.readouterr()
+    missing = tmp_path / "no_such_folder"
+    assert main(["predict", "-i", str(missing), "-o", str(tmp_path / "out2")]) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "out2").exists()
