@@ -111,7 +111,8 @@ def use_phantom_roots(phantom_roots, monkeypatch) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def trained_probe_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Own roots (not phantom_roots': tests there add models) with tiny phantoms, a tiny pretrained
-    model 'tiny' and one trained probe (fold 'all', configuration tiny__fpn): the only model in results."""
+    model 'tiny' and a trained probe (fold 'all', configuration tiny__fpn). Tests may train more
+    configurations here, so name tiny__fpn (-c) where exactly this probe is meant."""
     import os
 
     import torch

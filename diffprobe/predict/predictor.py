@@ -12,6 +12,7 @@ written atomically, so ``--continue_prediction`` can trust every file it finds.
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from pathlib import Path
@@ -101,7 +102,8 @@ def input_cases(inputs: Path, num_channels: int) -> list[Case]:
         if m:
             channels.setdefault(m.group("case"), {})[int(m.group("ch"))] = f
     if not channels:  # a DICOM series folder (read_sitk reports a folder without a series)
-        return [Case(inputs.name, [inputs], None, "test")]
+        # abspath, not resolve: "-i ." gets the folder's name (not ""), a symlink keeps its own name
+        return [Case(Path(os.path.abspath(inputs)).name, [inputs], None, "test")]
     cases = []
     for ident, found in sorted(channels.items()):
         missing = [c for c in range(num_channels) if c not in found]
@@ -112,10 +114,15 @@ def input_cases(inputs: Path, num_channels: int) -> list[Case]:
     return cases
 
 
+# Detached-header formats are two files, and the atomic rename moves only the header (whose data file
+# keeps its temporary name): their segmentations are written in the single-file equivalent.
+_SINGLE_FILE_ENDING = {".mhd": ".mha", ".nhdr": ".nrrd"}
+
+
 def output_name(case: Case) -> str:
     src = case.images[0]
     ending = file_ending(src) if src.is_file() else ".nii.gz"
-    return case.identifier + ending
+    return case.identifier + _SINGLE_FILE_ENDING.get(ending, ending)
 
 
 # ---- the prediction itself ------------------------------------------------------------------
@@ -215,7 +222,8 @@ def predict(inputs: str | Path, output: str | Path, dataset: str | int | None = 
         task = bar.add_task("predict", total=len(cases), visible=show_progress)
         for case in cases:
             out_path = output / output_name(case)
-            if continue_prediction and out_path.is_file():
+            done = out_path.is_file() and (not save_probabilities or (output / f"{case.identifier}.npz").is_file())
+            if continue_prediction and done:
                 written.append(out_path)
                 bar.advance(task)
                 continue
