@@ -26,7 +26,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Options that take several values nnU-Net style (``-d 1 2 3``); rewritten to repeated options.
-MULTI_VALUE_OPTIONS = {"-d", "--dataset", "--t", "--timesteps"}
+MULTI_VALUE_OPTIONS = {"-d", "--dataset", "--t", "--timesteps", "--models", "-f", "--fold"}
 
 
 def command(name: str, example: str, **kwargs) -> Callable:
@@ -64,6 +64,7 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (and exits with it)."""
     from diffprobe.cli import (  # noqa: F401  (registers commands)
+        ablate_commands,
         data_commands,
         demo_commands,
         evaluate_commands,

@@ -1,0 +1,169 @@
+"""Ablation commands: ``ablate timesteps|guidance|backbone`` (a sub-app) and ``tune_timesteps``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from diffprobe.cli.app import app, command, console
+
+ablate_app = typer.Typer(
+    help="The paper's experiments: quick probes per feature timestep, guidance mode or backbone; "
+         "CSV + PNG in <results>/DatasetXXX/diffprobe/ablations/<kind>/.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(ablate_app, name="ablate", help="Paper experiments: timesteps, guidance, backbone (CSV + PNG).")
+
+
+def _sub(name: str, example: str):
+    return ablate_app.command(name, epilog=f"Example:\n\n  {example}")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.3f}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(_cell(v) for v in value)
+    if isinstance(value, int) and value >= 100_000:
+        return f"{value / 1e6:.2f} M"
+    return str(value)
+
+
+def print_ablation(result) -> None:
+    """The result as a rich table, one column per probe run (rows: settings, classes, size groups, mean)."""
+    groups = {c: g for g, members in result.size_groups.items() for c in members}
+    table = Table(title=f"{result.kind} ablation: validation Dice", title_justify="left")
+    table.add_column("")
+    for row in result.rows:
+        table.add_column(str(row.get("run") or row.get("model")), justify="right")
+    settings = [c for c in result.columns if not c.startswith("dice_") and c not in ("configuration", "run", "model")]
+    for c in settings:
+        table.add_row(c.replace("_", " "), *[_cell(row.get(c, "")) for row in result.rows], style="dim")
+    for name in result.classes:
+        table.add_row(f"{name} ({groups.get(name, '?')})", *[_cell(row[f"dice_{name}"]) for row in result.rows])
+    for g in ("big", "medium", "small"):
+        table.add_row(f"{g} organs", *[_cell(row[f"dice_{g}"]) for row in result.rows], style="italic")
+    table.add_row("mean", *[_cell(row["dice_mean"]) for row in result.rows], style="bold")
+    console.print(table)
+    reused = sum(r.reused for r in result.runs)
+    console.print(f"{len(result.runs) - reused} probe(s) trained, {reused} reused from earlier runs", highlight=False)
+    console.print(f"[green]wrote[/] {result.csv}\n[green]wrote[/] {result.png}", highlight=False, soft_wrap=True)
+
+
+_DATASET = typer.Option(..., "-d", "--dataset", help="dataset id (1, 001 or Dataset001_Name)")
+_FOLD = typer.Option("0", "-f", "--fold", help="fold whose validation cases score the probes (0-4 or all)")
+_STEPS = typer.Option(None, "--steps", help="probe training steps per run (default 300)")
+_HEAD = typer.Option("fpn", "--head", help="probe head: fpn or linear")
+_DEVICE = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda or cuda:N")
+_MODELS = typer.Option(None, "--models", help="pretrained model names to compare (repeat --models per name)")
+_PRETRAIN = typer.Option(False, "--pretrain", help="first pretrain the ablation's own models that are missing")
+_PRESET = typer.Option("tiny", "--preset", help="preset for --pretrain: tiny, small or paper")
+_DIFF_STEPS = typer.Option(None, "--diffusion_steps", help="--pretrain: override the preset's diffusion steps")
+_BPR_STEPS = typer.Option(None, "--bpr_steps", help="--pretrain: override the preset's BPR steps")
+_WORKERS = typer.Option(None, "--num_workers", help="--pretrain: data-loading processes")
+
+
+@_sub("timesteps", "diffprobe ablate timesteps -d 001 --t 5 10 30 60 100 200 -m default -f 0 --steps 300")
+def timesteps_cmd(
+    dataset: str = _DATASET,
+    timesteps: list[int] | None = typer.Option(None, "--t", "--timesteps",
+                                               help="single timesteps to probe (default 5 10 30 60 100 200)"),
+    pretrained: str = typer.Option("default", "-m", "--pretrained", help="pretrained model name"),
+    fold: str = _FOLD,
+    steps: int | None = _STEPS,
+    head: str = _HEAD,
+    device: str = _DEVICE,
+) -> None:
+    """Dice of probes on single feature timesteps vs the planned set, per organ-size group."""
+    from diffprobe.ablations import ablate_timesteps
+
+    print_ablation(ablate_timesteps(dataset, timesteps or None, pretrained, fold, steps, head, device))
+
+
+@_sub("guidance", "diffprobe ablate guidance -d 001 --pretrain   "
+                  "(own models: --models m_none --models m_random --models m_physical --models m_bpr)")
+def guidance_cmd(
+    dataset: str = _DATASET,
+    models: list[str] | None = _MODELS,
+    fold: str = _FOLD,
+    steps: int | None = _STEPS,
+    pretrain: bool = typer.Option(False, "--pretrain", help="first pretrain the missing ablate_none, "
+                                  "ablate_random, ablate_physical, ablate_bpr (or the ablate_<mode> given)"),
+    preset: str = _PRESET,
+    diffusion_steps: int | None = _DIFF_STEPS,
+    bpr_steps: int | None = _BPR_STEPS,
+    num_workers: int | None = _WORKERS,
+    head: str = _HEAD,
+    device: str = _DEVICE,
+) -> None:
+    """Dice of probes on models pretrained with guidance none / random / physical / BPR (from model.json)."""
+    from diffprobe.ablations import ablate_guidance
+
+    overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "num_workers": num_workers}
+    print_ablation(ablate_guidance(dataset, models or None, fold, steps, pretrain, None, preset, overrides, head,
+                                   device))
+
+
+@_sub("backbone", "diffprobe ablate backbone -d 001 --pretrain   (own models: --models m_attn --models m_conv)")
+def backbone_cmd(
+    dataset: str = _DATASET,
+    models: list[str] | None = _MODELS,
+    fold: str = _FOLD,
+    steps: int | None = _STEPS,
+    pretrain: bool = typer.Option(False, "--pretrain", help="first pretrain the missing ablate_attn_planned and "
+                                  "ablate_attn_none (attention as planned vs pure convolution), or the "
+                                  "ablate_attn_<attention>[__<guidance>] given"),
+    guidance: str = typer.Option("bpr", "--guidance", help="--pretrain without --models: guidance of both models "
+                                 "(not bpr: the names get the suffix __<guidance>)"),
+    preset: str = _PRESET,
+    diffusion_steps: int | None = _DIFF_STEPS,
+    bpr_steps: int | None = _BPR_STEPS,
+    num_workers: int | None = _WORKERS,
+    head: str = _HEAD,
+    device: str = _DEVICE,
+) -> None:
+    """Dice of probes on a denoiser with the planned attention vs a pure-convolution one; parameter counts."""
+    from diffprobe.ablations import ablate_backbone
+
+    overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "num_workers": num_workers}
+    print_ablation(ablate_backbone(dataset, models or None, fold, steps, pretrain, guidance, preset, overrides, head,
+                                   device))
+
+
+@command("tune_timesteps", "diffprobe tune_timesteps -d 001 --t 5 10 30 60 100 200 -m default --k 3")
+def tune_timesteps_cmd(
+    dataset: str = _DATASET,
+    candidates: list[int] | None = typer.Option(None, "--t", "--timesteps", help="candidate timesteps "
+                                                "(default 5 10 30 60 100 200 and the planned ones)"),
+    pretrained: str = typer.Option("default", "-m", "--pretrained", help="pretrained model name"),
+    fold: str = _FOLD,
+    k: int = typer.Option(3, "--k", help="at most this many timesteps in the chosen set"),
+    steps: int | None = _STEPS,
+    head: str = _HEAD,
+    device: str = _DEVICE,
+    dry_run: bool = typer.Option(False, "--dry_run", help="measure and print, but leave plans.json unchanged"),
+) -> None:
+    """Choose the feature timesteps by validation Dice (greedy forward selection) and write them to plans.json."""
+    from diffprobe.ablations import tune_timesteps
+
+    result = tune_timesteps(dataset, candidates or None, pretrained, fold, k, steps, head, device,
+                            write=not dry_run)
+    print_ablation(result.sweep)
+    table = Table(title="greedy forward selection", title_justify="left")
+    for name in ("step", "timesteps", "mean Dice", "selected"):
+        table.add_column(name, justify="right" if name == "mean Dice" else "left")
+    for e in result.trace:
+        table.add_row(str(e["step"]), _cell(e["timesteps"]), _cell(e["dice"]), "yes" if e["selected"] else "")
+    table.add_row("planned", _cell(result.planned_timesteps), _cell(result.planned_dice), "")
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note[/]: {note}", highlight=False, soft_wrap=True)
+    where = result.plans_path if result.plans_written else "nothing written (--dry_run)"
+    console.print(f"[green]chosen[/] feature_timesteps {result.timesteps} (validation Dice {_cell(result.dice)}; "
+                  f"planned {result.planned_timesteps}: {_cell(result.planned_dice)}) -> {where}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"[green]wrote[/] {result.csv}", highlight=False, soft_wrap=True)
