@@ -1,6 +1,7 @@
 """Labelled patch batches for probe training, deterministic per (seed, step).
 
-Like nnU-Net's loader, the last third of every batch is centred on a foreground voxel of a
+Like nnU-Net's loader, the last part of every batch (``oversample_foreground``: default half; nnU-Net
+uses a third) is centred on a foreground voxel of a
 randomly chosen class present in the case (``oversample_foreground``), so small organs are
 seen often; the rest are uniform random crops. No augmentation: the probe is trained on a
 frozen feature extractor whose noise is fixed per patch position, and the phantom / CT

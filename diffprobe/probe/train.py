@@ -40,8 +40,8 @@ from diffprobe.training.trainer import Trainer, TrainerConfig
 from diffprobe.utils import read_json, write_json
 
 PROBE_DEFAULTS: dict[str, Any] = {
-    "steps": 300, "batch_size": 2, "lr": 1e-3, "finetune_lr": 1e-4, "width": 32, "warmup_steps": 20,
-    "checkpoint_every": 100, "validate_every": 100, "val_patches": 8, "oversample_foreground": 0.33,
+    "steps": 300, "batch_size": 2, "lr": 1e-2, "finetune_lr": 1e-4, "width": 32, "warmup_steps": 20,
+    "checkpoint_every": 100, "validate_every": 100, "val_patches": 8, "oversample_foreground": 0.5,
     "levels": None,
 }
 
