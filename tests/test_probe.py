@@ -126,15 +126,26 @@ def test_splits_nnunet_style_and_user_splits(tmp_path):
         fold_cases(tmp_path, ids, "3")
 
 
-def test_probe_resume_equals_uninterrupted(use_trained_probe_roots):
+def test_probe_resume_equals_uninterrupted(use_trained_probe_roots, monkeypatch):
     from diffprobe.probe.train import train_probe
     from diffprobe.training.checkpoint import load_checkpoint
+    from diffprobe.training.trainer import Trainer
 
     settings = {"steps": 4, "checkpoint_every": 2, "validate_every": 0}
     full = train_probe(1, "all", "tiny", overrides=settings, show_progress=False, final_validation=False,
                        configuration="resume_full")
-    train_probe(1, "all", "tiny", overrides={**settings, "steps": 2}, show_progress=False, final_validation=False,
-                configuration="resume_split")
+    original_save = Trainer.save
+
+    def save_then_die(self, path):  # interrupt right after the step-2 checkpoint, like Ctrl-C
+        original_save(self, path)
+        if self.step == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            train_probe(1, "all", "tiny", overrides=settings, show_progress=False, final_validation=False,
+                        configuration="resume_split")
     split = train_probe(1, "all", "tiny", overrides=settings, resume=True, show_progress=False,
                         final_validation=False, configuration="resume_split")
     a = load_checkpoint(full.folder / "checkpoint_final.pt")["model"]

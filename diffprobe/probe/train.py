@@ -134,6 +134,7 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
     labels = plans["labels"]
     num_classes = max(labels.values()) + 1
     patch = list(pmeta["preset"]["patch_size"])
+    torch.manual_seed(seed)  # the head's initialisation: same seed, same probe
     probe = build_probe(denoiser, pmeta, timesteps, cfg["levels"], head, num_classes, cfg["width"], finetune)
     probe = probe.to(dev)
 

@@ -1,0 +1,331 @@
+"""diffprobe predict vs nnU-Net's predictor, side by side on the same volumes: seconds per case, peak RAM.
+
+Usage:
+    python benchmarks/bench_predict.py [--volumes phantom ct512] [--threads 2] [--max-seconds 300]
+        [--workdir /tmp/diffprobe_bench_predict] [--preset tiny] [--nnunet-np 3] [--json out.json]
+
+Volumes (one case each, written as .nii.gz, cached in the work dir):
+    phantom  the test case of the benchmark's phantom dataset (default phantom size)
+    ct256    256x256x128 voxels at 1.5x1.5x3 mm     (a scaled-up synthetic phantom, body in air)
+    ct512    512x512x300 voxels at 0.8x0.8x1.5 mm   (CT-sized; generating it once takes ~1-2 min, ~7 GB RAM)
+
+Set-up (reused when already in the work dir): a small labelled phantom dataset (Dataset902) in
+one raw root shared by both tools; diffprobe: plan_and_preprocess, pretrain (``--preset``, a few
+steps: timing does not depend on quality) and a probe (fold all, a few steps); nnU-Net:
+``nnUNetv2_plan_and_preprocess --no_pp`` (fingerprint + nnUNetPlans.json, no training) and a
+3d_fullres network built from those plans with random weights.
+
+Timed, per volume, each in its own subprocess (wall time including start-up, model loading,
+preprocessing, prediction and writing the label map; peak RSS summed over the process tree):
+    diffprobe  ``diffprobe predict -device cpu``, and with ``--tta`` (mirroring over 3 axes)
+    nnU-Net    ``nnUNetPredictor`` (step 0.5, Gaussian, CPU) through ``predict_from_files`` with
+               nnUNetv2_predict's default 3 preprocessing / 3 export processes (``--nnunet-np``;
+               0 = ``predict_from_files_sequential``), with mirroring over (0, 1, 2) (nnU-Net's
+               default) and without (``--disable_tta``)
+Both use ``--threads`` torch threads (diffprobe through OMP_NUM_THREADS, nnU-Net through
+torch.set_num_threads). A run longer than ``--max-seconds`` is killed and reported as ">N s";
+when a run without TTA was killed, the same tool's TTA run (8 forwards per tile) is not
+started and is reported as ">N s" too. Ratios are diffprobe / nnU-Net with mirroring (its
+default): below 1 means faster or less RAM. Note that each tool predicts with its own patch
+size (diffprobe: the pretrained preset's; nnU-Net: its plans'), printed above the table.
+"""
+
+from __future__ import annotations
+
+# Top-level imports stay minimal: nnU-Net's "spawn" worker processes re-import this file.
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+DATASET_ID = 902
+DATASET_NAME = f"Dataset{DATASET_ID}_BenchPredict"
+PRETRAINED = "bench_predict"
+FOLD = "all"
+CT_VOLUMES = {  # name -> (shape (z, y, x), spacing (z, y, x) mm)
+    "ct256": ((128, 256, 256), (3.0, 1.5, 1.5)),
+    "ct512": ((300, 512, 512), (1.5, 0.8, 0.8)),
+}
+VOLUME_CHOICES = ["phantom", *CT_VOLUMES]
+# (tool, setting, tta) in run order; the TTA run of a tool follows its run without TTA.
+RUNS = [("diffprobe", "default (no TTA)", False), ("nnU-Net", "--disable_tta", False),
+        ("diffprobe", "--tta", True), ("nnU-Net", "default (mirroring TTA)", True)]
+BASELINE = ("nnU-Net", True)
+TIMEOUT_CODES = (124, 137)  # coreutils timeout: TERM sent / KILL needed
+
+
+# ---- nnU-Net worker (run as a subprocess of the benchmark) ------------------------------------
+def nnunet_worker(args: argparse.Namespace) -> None:
+    """Predict every image of --input into --output with a randomly initialised 3d_fullres nnU-Net."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME  # noqa: SIM112 (nnU-Net's name)
+    plans = PlansManager(str(pre / "nnUNetPlans.json"))
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    config = plans.get_configuration("3d_fullres")
+    torch.manual_seed(0)
+    network = get_network_from_plans(
+        config.network_arch_class_name, config.network_arch_init_kwargs,
+        config.network_arch_init_kwargs_req_import, determine_num_input_channels(plans, config, dataset_json),
+        plans.get_label_manager(dataset_json).num_segmentation_heads, allow_init=True, deep_supervision=False)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.tta,
+                                perform_everything_on_device=False, device=torch.device("cpu"),
+                                verbose=False, allow_tqdm=False)
+    predictor.manual_initialization(network, plans, config, [network.state_dict()], dataset_json,
+                                    "nnUNetTrainer", inference_allowed_mirroring_axes=(0, 1, 2))
+    args.output.mkdir(parents=True, exist_ok=True)
+    # Explicit file lists: given a folder, nnU-Net forks a 12-process pool just to list it, and summing
+    # the RSS of those short-lived copy-on-write forks would count the parent's memory 12 more times.
+    images = [[str(f)] for f in sorted(args.input.glob("*_0000.nii.gz"))]
+    if args.nnunet_np == 0:
+        predictor.predict_from_files_sequential(images, str(args.output), save_probabilities=False, overwrite=True)
+    else:
+        predictor.predict_from_files(images, str(args.output), save_probabilities=False, overwrite=True,
+                                     num_processes_preprocessing=args.nnunet_np,
+                                     num_processes_segmentation_export=args.nnunet_np)
+
+
+# ---- set-up ------------------------------------------------------------------------------------
+def roots_env(work: Path, threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"DIFFPROBE_RAW": str(work / "raw"), "nnUNet_raw": str(work / "raw"),
+                "DIFFPROBE_PREPROCESSED": str(work / "dp_pre"), "nnUNet_preprocessed": str(work / "nnunet_pre"),
+                "DIFFPROBE_RESULTS": str(work / "dp_results"), "nnUNet_results": str(work / "nnunet_results"),
+                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    return env
+
+
+def ensure_models(args: argparse.Namespace, env: dict[str, str]) -> dict:
+    """Phantom dataset, trained diffprobe probe and nnU-Net plans (each reused when present)."""
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("DIFFPROBE_", "nnUNet_"))})
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
+    from diffprobe.plan_and_preprocess import plan_and_preprocess
+    from diffprobe.pretraining.pretrain import model_dir, pretrain
+    from diffprobe.probe.model import configuration_name, probe_dir
+    from diffprobe.probe.train import train_probe
+
+    raw = args.workdir / "raw" / DATASET_NAME
+    if not (raw / "dataset.json").is_file():
+        print(f"making phantoms in {raw}", flush=True)
+        make_phantom_dataset(raw, PhantomConfig(num_train_labelled=args.cases, num_train_unlabelled=0, num_test=1,
+                                                fov_mm=args.fov_mm))
+    plan_and_preprocess(DATASET_ID, num_processes=2, show_progress=False)
+    name = f"{PRETRAINED}_{args.preset}"
+    if not (model_dir(name) / "diffusion" / "checkpoint_final.pt").is_file():
+        print(f"pretraining '{name}' ({args.preset}, {args.pretrain_steps} steps per stage)", flush=True)
+        pretrain([str(DATASET_ID)], name=name, preset=args.preset, device="cpu",
+                 resume=(model_dir(name) / "model.json").is_file(), show_progress=False,
+                 overrides={"bpr_steps": args.pretrain_steps, "diffusion_steps": args.pretrain_steps,
+                            "num_workers": 0})
+    config = configuration_name(name, "fpn", False)
+    folder = probe_dir(DATASET_ID, config, FOLD)
+    if not (folder / "checkpoint_final.pt").is_file():
+        print(f"training probe {config} ({args.probe_steps} steps)", flush=True)
+        train_probe(DATASET_ID, FOLD, name, device="cpu", resume=(folder / "probe.json").is_file(),
+                    overrides={"steps": args.probe_steps}, show_progress=False, final_validation=False)
+    nn_plans = args.workdir / "nnunet_pre" / DATASET_NAME / "nnUNetPlans.json"
+    if not nn_plans.is_file():
+        print("nnU-Net fingerprint + planning (no preprocessing)", flush=True)
+        done = subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres",
+                               "-npfp", "2", "--no_pp"], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"nnUNetv2_plan_and_preprocess failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    probe_meta = json.loads((folder / "probe.json").read_text())
+    nn_cfg = json.loads(nn_plans.read_text())["configurations"]["3d_fullres"]
+    arch = nn_cfg["architecture"]["arch_kwargs"]
+    return {
+        "diffprobe": {"configuration": config, "preset": args.preset, "patch_size": probe_meta["patch_size"],
+                      "timesteps": probe_meta["timesteps"], "guidance": probe_meta["guidance"],
+                      "target_spacing": probe_meta["plans"]["preprocessing"]["target_spacing"]},
+        "nnU-Net": {"configuration": "3d_fullres", "patch_size": nn_cfg["patch_size"],
+                    "target_spacing": nn_cfg["spacing"], "features_per_stage": arch.get("features_per_stage"),
+                    "weights": "random (untrained)"},
+    }
+
+
+def ensure_volume(name: str, work: Path) -> tuple[Path, dict]:
+    """Input folder holding ``<name>_0000.nii.gz``, and the volume's shape and spacing (z, y, x)."""
+    import SimpleITK as sitk
+
+    from diffprobe.utils import atomic_path
+
+    folder = work / "inputs" / name
+    target = folder / f"{name}_0000.nii.gz"
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        if name == "phantom":
+            shutil.copyfile(work / "raw" / DATASET_NAME / "imagesTs" / "phantom_100_0000.nii.gz", target)
+        else:
+            from diffprobe.phantoms import PhantomConfig, generate_case
+
+            (nz, ny, nx), (sz, sy, sx) = CT_VOLUMES[name]
+            print(f"generating {name} ({nx}x{ny}x{nz} at {sx}x{sy}x{sz} mm)", flush=True)
+            cfg = PhantomConfig(seed=1234, fov_mm=nx * sx, spacing_inplane=(sx, sx), spacing_slice=(sz, sz),
+                                scan_length_mm=(nz * sz, nz * sz))
+            case = generate_case(cfg, 0)
+            assert case.image.shape == (nz, ny, nx), case.image.shape
+            image, _ = case.to_sitk()
+            del case
+            with atomic_path(target, ".nii.gz") as tmp:
+                sitk.WriteImage(image, str(tmp), useCompression=True)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(target))
+    reader.ReadImageInformation()
+    return folder, {"shape_zyx": list(reader.GetSize())[::-1],
+                    "spacing_zyx_mm": [round(s, 3) for s in reader.GetSpacing()][::-1]}
+
+
+# ---- timing ------------------------------------------------------------------------------------
+def command(tool: str, tta: bool, inputs: Path, output: Path, args: argparse.Namespace, dp_config: str) -> list[str]:
+    if tool == "diffprobe":
+        exe = [shutil.which("diffprobe")] if shutil.which("diffprobe") else [sys.executable, "-m", "diffprobe"]
+        return [*exe, "predict", "-i", str(inputs), "-o", str(output), "-d", str(DATASET_ID), "-c", dp_config,
+                "-device", "cpu", *(["--tta"] if tta else [])]
+    return [sys.executable, str(Path(__file__).resolve()), "--nnunet-worker", "--input", str(inputs),
+            "--output", str(output), "--threads", str(args.threads), "--nnunet-np", str(args.nnunet_np),
+            *(["--tta"] if tta else [])]
+
+
+def timed_run(cmd: list[str], env: dict[str, str], max_seconds: float) -> dict:
+    from _measure import run_measured
+
+    m = run_measured(["timeout", "--kill-after=10", str(max_seconds), *cmd], env)
+    timed_out = m.returncode in TIMEOUT_CODES
+    return {"seconds": max_seconds if timed_out else round(m.seconds, 2), "wall_seconds": round(m.seconds, 2),
+            "peak_rss_gb": round(m.peak_rss_gb, 3), "returncode": m.returncode, "timed_out": timed_out,
+            "failed": m.returncode != 0 and not timed_out, "output_tail": m.output_tail if m.returncode != 0 else ""}
+
+
+def fmt_seconds(r: dict) -> str:
+    if r["failed"]:
+        return "failed"
+    if r["seconds"] is None:
+        return "not run"
+    if r["timed_out"]:
+        return f">{r['seconds']:.0f}" + (" (not run)" if r.get("skipped") else "")
+    return f"{r['seconds']:.1f}"
+
+
+def fmt_ram(r: dict) -> str:
+    if r["failed"] or r["peak_rss_gb"] is None:
+        return "-"
+    return f"≥{r['peak_rss_gb']:.2f}" if r["timed_out"] else f"{r['peak_rss_gb']:.2f}"
+
+
+def fmt_ratio(r: dict, base: dict | None, key: str) -> str:
+    """value / baseline; a killed run's value is a lower bound, so the ratio may be one too."""
+    if base is None or r["failed"] or base["failed"] or r[key] is None or base[key] is None:
+        return "-"
+    if r is base:
+        return "1.00"
+    up, down = (">", "<") if key == "seconds" else ("≥", "≤")
+    if r["timed_out"] and base["timed_out"]:
+        return "?"
+    ratio = r[key] / base[key]
+    return f"{up}{ratio:.2f}" if r["timed_out"] else f"{down}{ratio:.2f}" if base["timed_out"] else f"{ratio:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--volumes", nargs="+", choices=VOLUME_CHOICES, default=["phantom", "ct512"])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each tool (default 2)")
+    ap.add_argument("--max-seconds", type=float, default=300.0, help="kill a run after this long (default 300)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/diffprobe_bench_predict"))
+    ap.add_argument("--json", type=Path, default=None, help="raw numbers (default: WORKDIR/bench_predict.json)")
+    ap.add_argument("--preset", default="tiny", help="diffprobe pretraining preset (its patch size is used)")
+    ap.add_argument("--cases", type=int, default=4, help="labelled phantoms for the set-up dataset")
+    ap.add_argument("--fov_mm", type=float, default=110.0, help="phantom field of view (sets both tools' plans)")
+    ap.add_argument("--pretrain-steps", type=int, default=5, help="BPR and diffusion steps of the set-up")
+    ap.add_argument("--probe-steps", type=int, default=5)
+    ap.add_argument("--nnunet-np", type=int, default=3,
+                    help="nnU-Net preprocessing and export processes (nnUNetv2_predict default 3; 0: sequential)")
+    ap.add_argument("--nnunet-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--tta", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.nnunet_worker:
+        nnunet_worker(args)
+        return
+    sys.path.insert(0, str(Path(__file__).parent))
+    args.workdir = args.workdir.resolve()
+    env = roots_env(args.workdir, args.threads)
+    models = ensure_models(args, env)
+    volumes = {v: ensure_volume(v, args.workdir) for v in dict.fromkeys(args.volumes)}
+
+    results: list[dict] = []
+    for vol, (inputs, _) in volumes.items():
+        done: dict[tuple[str, bool], dict] = {}
+        for tool, setting, tta in RUNS:
+            row = {"volume": vol, "tool": tool, "setting": setting, "tta": tta}
+            before = done.get((tool, False))
+            if tta and before is not None and (before["timed_out"] or before["failed"]):
+                # mirroring runs 8 forwards per tile: it cannot be faster than the killed run without it
+                row.update({"skipped": True, "timed_out": before["timed_out"], "failed": False,
+                            "seconds": args.max_seconds if before["timed_out"] else None, "peak_rss_gb": None,
+                            "note": "not run: the run without TTA was already killed or failed"})
+            else:
+                out = args.workdir / "outputs" / vol / f"{tool}_{'tta' if tta else 'notta'}"
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"{vol}: {tool} {setting} ...", end=" ", flush=True)
+                row.update(timed_run(command(tool, tta, inputs, out, args, models["diffprobe"]["configuration"]),
+                                     env, args.max_seconds))
+                print("failed" if row["failed"] else f"{fmt_seconds(row)} s, "
+                      f"{fmt_ram(row)} GB", flush=True)
+                if row["failed"]:
+                    print(row["output_tail"], file=sys.stderr)
+            done[(tool, tta)] = row
+            results.append(row)
+
+    report = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version()},
+              "threads": args.threads, "max_seconds": args.max_seconds, "nnunet_np": args.nnunet_np,
+              "models": models, "volumes": {v: info for v, (_, info) in volumes.items()}, "runs": results}
+    try:
+        import nnunetv2
+        import torch
+
+        from diffprobe import __version__
+        report["versions"] = {"torch": torch.__version__, "nnunetv2": getattr(nnunetv2, "__version__", None),
+                              "diffprobe": __version__}
+    except ImportError:
+        pass
+    json_path = args.json or args.workdir / "bench_predict.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2))
+
+    dp, nn = models["diffprobe"], models["nnU-Net"]
+    print(f"\n{os.cpu_count()} CPU cores, {args.threads} torch threads per tool, runs killed after "
+          f"{args.max_seconds:.0f} s; nnU-Net with {args.nnunet_np} preprocessing/export processes")
+    print(f"diffprobe: preset {dp['preset']}, patch {dp['patch_size']}, timesteps {dp['timesteps']}, guidance "
+          f"{dp['guidance']}, target spacing {dp['target_spacing']}")
+    print(f"nnU-Net:   3d_fullres, patch {nn['patch_size']}, features {nn['features_per_stage']}, "
+          f"target spacing {nn['target_spacing']}, random weights")
+    for v, (_, info) in volumes.items():
+        print(f"{v}: {'x'.join(map(str, info['shape_zyx']))} voxels (z, y, x) at "
+              f"{'x'.join(map(str, info['spacing_zyx_mm']))} mm")
+    print(f"raw numbers: {json_path}\n")
+    print("| volume | tool | setting | s/case | peak RAM (GB) | time ÷ nnU-Net TTA | RAM ÷ nnU-Net TTA |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in results:
+        base = next((r for r in results if r["volume"] == row["volume"] and (r["tool"], r["tta"]) == BASELINE),
+                    None)
+        print(f"| {row['volume']} | {row['tool']} | {row['setting']} | {fmt_seconds(row)} | "
+              f"{fmt_ram(row)} | {fmt_ratio(row, base, 'seconds')} | {fmt_ratio(row, base, 'peak_rss_gb')} |")
+
+
+if __name__ == "__main__":
+    main()
