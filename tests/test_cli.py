@@ -8,7 +8,8 @@ from conftest import make_raw_dataset
 
 from diffprobe.cli.app import expand_multi_value_options, main
 
-COMMANDS = ["make_phantoms", "plan_and_preprocess"]
+COMMANDS = ["make_phantoms", "plan_and_preprocess", "pretrain", "sample", "export_model", "install_model", "train",
+            "predict", "evaluate", "demo", "tune_timesteps"]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
