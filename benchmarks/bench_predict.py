@@ -9,24 +9,30 @@ Volumes (one case each, written as .nii.gz, cached in the work dir):
     ct256    256x256x128 voxels at 1.5x1.5x3 mm     (a scaled-up synthetic phantom, body in air)
     ct512    512x512x300 voxels at 0.8x0.8x1.5 mm   (CT-sized; generating it once takes ~1-2 min, ~7 GB RAM)
 
-Set-up (reused when already in the work dir): a small labelled phantom dataset (Dataset902) in
-one raw root shared by both tools; diffprobe: plan_and_preprocess, pretrain (``--preset``, a few
-steps: timing does not depend on quality) and a probe (fold all, a few steps); nnU-Net:
+Set-up (reused when already in the work dir; delete it after changing --cases or --fov_mm): a
+small labelled phantom dataset (Dataset902) in one raw root shared by both tools; diffprobe:
+plan_and_preprocess, pretrain (``--preset``, a few steps: timing does not depend on quality) and
+a probe (fold all, a few steps); nnU-Net:
 ``nnUNetv2_plan_and_preprocess --no_pp`` (fingerprint + nnUNetPlans.json, no training) and a
 3d_fullres network built from those plans with random weights.
 
 Timed, per volume, each in its own subprocess (wall time including start-up, model loading,
 preprocessing, prediction and writing the label map; peak RSS summed over the process tree):
-    diffprobe  ``diffprobe predict -device cpu``, and with ``--tta`` (mirroring over 3 axes)
+    diffprobe  ``diffprobe predict -device cpu``, and with ``--tta`` (mirroring over 3 axes); the
+               console script's entry point (diffprobe.cli.main) called through this script, which
+               only adds a progress line every 5 s
     nnU-Net    ``nnUNetPredictor`` (step 0.5, Gaussian, CPU) through ``predict_from_files`` with
                nnUNetv2_predict's default 3 preprocessing / 3 export processes (``--nnunet-np``;
                0 = ``predict_from_files_sequential``), with mirroring over (0, 1, 2) (nnU-Net's
                default) and without (``--disable_tta``)
 Both use ``--threads`` torch threads (diffprobe through OMP_NUM_THREADS, nnU-Net through
-torch.set_num_threads). A run longer than ``--max-seconds`` is killed and reported as ">N s";
-when a run without TTA was killed, the same tool's TTA run (8 forwards per tile) is not
-started and is reported as ">N s" too. Ratios are diffprobe / nnU-Net with mirroring (its
-default): below 1 means faster or less RAM. Note that each tool predicts with its own patch
+torch.set_num_threads). A run longer than ``--max-seconds`` is killed and reported as ">N s",
+with an estimate extrapolated from the sliding-window tiles it had done ("~M est.": time to
+the window + window time x total / done tiles; the resampling and writing after it are left
+out). When a run without TTA was killed, the same tool's TTA run is not started: ">N s", with
+the estimate time to the window + 8x the window (mirroring = 8 forwards per tile). Ratios are
+diffprobe / nnU-Net with mirroring (its default): below 1 means faster or less RAM; "~" marks
+ratios of estimates, "<"/">" ratios against a bound. Each tool predicts with its own patch
 size (diffprobe: the pretrained preset's; nnU-Net: its plans'), printed above the table.
 """
 
@@ -37,10 +43,14 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+_T0 = time.perf_counter()  # a worker's start (this file is the first thing a worker imports)
 
 DATASET_ID = 902
 DATASET_NAME = f"Dataset{DATASET_ID}_BenchPredict"
@@ -56,9 +66,53 @@ RUNS = [("diffprobe", "default (no TTA)", False), ("nnU-Net", "--disable_tta", F
         ("diffprobe", "--tta", True), ("nnU-Net", "default (mirroring TTA)", True)]
 BASELINE = ("nnU-Net", True)
 TIMEOUT_CODES = (124, 137)  # coreutils timeout: TERM sent / KILL needed
+_START_RE = re.compile(r"\[bench\] sliding window starts at ([\d.]+) s")
+_TILES_RE = re.compile(r"\[bench\] tiles (\d+)/(\d+) at ([\d.]+) s")
 
 
-# ---- nnU-Net worker (run as a subprocess of the benchmark) ------------------------------------
+# ---- workers (run as subprocesses of the benchmark) --------------------------------------------
+class TileProgress:
+    """Prints sliding-window progress lines (seconds since the worker started), at most every 5 s,
+    so that the benchmark can extrapolate a run it had to kill."""
+
+    def __init__(self) -> None:
+        self.last = -1e9
+
+    def start(self) -> None:
+        print(f"[bench] sliding window starts at {time.perf_counter() - _T0:.2f} s", flush=True)
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter() - _T0
+        if done >= total or now - self.last >= 5:
+            self.last = now
+            print(f"[bench] tiles {done}/{total} at {now:.2f} s", flush=True)
+
+
+def diffprobe_cli(argv: list[str]) -> None:
+    """``diffprobe <argv>`` (the console script's entry point), reporting sliding-window progress."""
+    from diffprobe.predict import predictor as dp_predictor
+
+    original = getattr(dp_predictor, "sliding_window_logits", None)
+    if original is not None:  # no estimates for killed runs if diffprobe renames it; timing is unaffected
+        report = TileProgress()
+
+        def with_progress(*a, **k):
+            inner = k.get("progress")
+
+            def both(done: int, total: int) -> None:
+                if inner is not None:
+                    inner(done, total)
+                report(done, total)
+
+            report.start()
+            return original(*a, **{**k, "progress": both})
+
+        dp_predictor.sliding_window_logits = with_progress
+    from diffprobe.cli import main
+
+    sys.exit(main(argv))
+
+
 def nnunet_worker(args: argparse.Namespace) -> None:
     """Predict every image of --input into --output with a randomly initialised 3d_fullres nnU-Net."""
     import torch
@@ -83,6 +137,24 @@ def nnunet_worker(args: argparse.Namespace) -> None:
                                 verbose=False, allow_tqdm=False)
     predictor.manual_initialization(network, plans, config, [network.state_dict()], dataset_json,
                                     "nnUNetTrainer", inference_allowed_mirroring_axes=(0, 1, 2))
+    # progress: tiles from the slicer list, one tile = 1 forward (8 with mirroring over 3 axes)
+    report, state = TileProgress(), {"forwards": 0, "tiles": 0}
+    forwards_per_tile = 8 if args.tta else 1
+    get_slicers = predictor._internal_get_sliding_window_slicers
+
+    def slicers_with_progress(image_size):
+        slicers = get_slicers(image_size)
+        state.update(forwards=0, tiles=len(slicers))
+        report.start()
+        return slicers
+
+    def count_forward(_module, _inputs, _output) -> None:
+        state["forwards"] += 1
+        if state["forwards"] % forwards_per_tile == 0:
+            report(state["forwards"] // forwards_per_tile, state["tiles"])
+
+    predictor._internal_get_sliding_window_slicers = slicers_with_progress
+    network.register_forward_hook(count_forward)
     args.output.mkdir(parents=True, exist_ok=True)
     # Explicit file lists: given a folder, nnU-Net forks a 12-process pool just to list it, and summing
     # the RSS of those short-lived copy-on-write forks would count the parent's memory 12 more times.
@@ -190,11 +262,11 @@ def ensure_volume(name: str, work: Path) -> tuple[Path, dict]:
 
 # ---- timing ------------------------------------------------------------------------------------
 def command(tool: str, tta: bool, inputs: Path, output: Path, args: argparse.Namespace, dp_config: str) -> list[str]:
+    this = str(Path(__file__).resolve())
     if tool == "diffprobe":
-        exe = [shutil.which("diffprobe")] if shutil.which("diffprobe") else [sys.executable, "-m", "diffprobe"]
-        return [*exe, "predict", "-i", str(inputs), "-o", str(output), "-d", str(DATASET_ID), "-c", dp_config,
-                "-device", "cpu", *(["--tta"] if tta else [])]
-    return [sys.executable, str(Path(__file__).resolve()), "--nnunet-worker", "--input", str(inputs),
+        return [sys.executable, this, "--diffprobe-cli", "predict", "-i", str(inputs), "-o", str(output),
+                "-d", str(DATASET_ID), "-c", dp_config, "-device", "cpu", *(["--tta"] if tta else [])]
+    return [sys.executable, this, "--nnunet-worker", "--input", str(inputs),
             "--output", str(output), "--threads", str(args.threads), "--nnunet-np", str(args.nnunet_np),
             *(["--tta"] if tta else [])]
 
@@ -205,8 +277,22 @@ def timed_run(cmd: list[str], env: dict[str, str], max_seconds: float) -> dict:
     m = run_measured(["timeout", "--kill-after=10", str(max_seconds), *cmd], env)
     timed_out = m.returncode in TIMEOUT_CODES
     return {"seconds": max_seconds if timed_out else round(m.seconds, 2), "wall_seconds": round(m.seconds, 2),
+            **(estimate_seconds(m.output_tail) if timed_out else {}),
             "peak_rss_gb": round(m.peak_rss_gb, 3), "returncode": m.returncode, "timed_out": timed_out,
             "failed": m.returncode != 0 and not timed_out, "output_tail": m.output_tail if m.returncode != 0 else ""}
+
+
+def estimate_seconds(output: str) -> dict:
+    """A killed run's time, extrapolated from its last progress line: time to the sliding window +
+    window time so far x total tiles / tiles done (the resampling and writing after it are left out);
+    none when the window had finished (what remained is not known) or not started."""
+    starts, tiles = _START_RE.findall(output), _TILES_RE.findall(output)
+    if not starts or not tiles or not 0 < int(tiles[-1][0]) < int(tiles[-1][1]) \
+            or float(tiles[-1][2]) < float(starts[-1]):
+        return {}
+    start, (done, total, now) = float(starts[-1]), tiles[-1]
+    return {"window_start_s": start, "tiles_done": int(done), "tiles_total": int(total),
+            "estimated_seconds": round(start + (float(now) - start) * int(total) / int(done), 1)}
 
 
 def fmt_seconds(r: dict) -> str:
@@ -215,7 +301,8 @@ def fmt_seconds(r: dict) -> str:
     if r["seconds"] is None:
         return "not run"
     if r["timed_out"]:
-        return f">{r['seconds']:.0f}" + (" (not run)" if r.get("skipped") else "")
+        est = f", ~{r['estimated_seconds']:.0f} est." if r.get("estimated_seconds") else ""
+        return f">{r['seconds']:.0f} ({'not run' if r.get('skipped') else 'killed'}{est})"
     return f"{r['seconds']:.1f}"
 
 
@@ -232,6 +319,11 @@ def fmt_ratio(r: dict, base: dict | None, key: str) -> str:
     if r is base:
         return "1.00"
     up, down = (">", "<") if key == "seconds" else ("≥", "≤")
+    if key == "seconds" and (r["timed_out"] or base["timed_out"]):
+        est_r = r.get("estimated_seconds") if r["timed_out"] else r[key]
+        est_b = base.get("estimated_seconds") if base["timed_out"] else base[key]
+        if est_r and est_b:
+            return f"~{est_r / est_b:.2f}"
     if r["timed_out"] and base["timed_out"]:
         return "?"
     ratio = r[key] / base[key]
@@ -256,6 +348,9 @@ def main() -> None:
     ap.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--tta", action="store_true", help=argparse.SUPPRESS)
+    if sys.argv[1:2] == ["--diffprobe-cli"]:
+        diffprobe_cli(sys.argv[2:])
+        return
     args = ap.parse_args()
     if args.nnunet_worker:
         nnunet_worker(args)
@@ -273,10 +368,15 @@ def main() -> None:
             row = {"volume": vol, "tool": tool, "setting": setting, "tta": tta}
             before = done.get((tool, False))
             if tta and before is not None and (before["timed_out"] or before["failed"]):
-                # mirroring runs 8 forwards per tile: it cannot be faster than the killed run without it
+                # mirroring runs 8 forwards per tile: it cannot be faster than the killed run without it;
+                # estimate: the same time to the sliding window, then 8x that run's estimated window time
+                est = before.get("estimated_seconds")
                 row.update({"skipped": True, "timed_out": before["timed_out"], "failed": False,
                             "seconds": args.max_seconds if before["timed_out"] else None, "peak_rss_gb": None,
-                            "note": "not run: the run without TTA was already killed or failed"})
+                            "estimated_seconds": round(before["window_start_s"] + 8 * (
+                                est - before["window_start_s"]), 1) if est else None,
+                            "note": "not run: the run without TTA was already killed or failed; estimate = "
+                                    "its time to the sliding window + 8x its estimated window time"})
             else:
                 out = args.workdir / "outputs" / vol / f"{tool}_{'tta' if tta else 'notta'}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -311,9 +411,9 @@ def main() -> None:
     print(f"\n{os.cpu_count()} CPU cores, {args.threads} torch threads per tool, runs killed after "
           f"{args.max_seconds:.0f} s; nnU-Net with {args.nnunet_np} preprocessing/export processes")
     print(f"diffprobe: preset {dp['preset']}, patch {dp['patch_size']}, timesteps {dp['timesteps']}, guidance "
-          f"{dp['guidance']}, target spacing {dp['target_spacing']}")
+          f"{dp['guidance']}, target spacing {[round(v, 3) for v in dp['target_spacing']]}")
     print(f"nnU-Net:   3d_fullres, patch {nn['patch_size']}, features {nn['features_per_stage']}, "
-          f"target spacing {nn['target_spacing']}, random weights")
+          f"target spacing {[round(v, 3) for v in nn['target_spacing']]}, random weights")
     for v, (_, info) in volumes.items():
         print(f"{v}: {'x'.join(map(str, info['shape_zyx']))} voxels (z, y, x) at "
               f"{'x'.join(map(str, info['spacing_zyx_mm']))} mm")
