@@ -9,10 +9,7 @@ a randomly initialised, untrained denoiser (same BPR, head and budget) and print
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,22 +42,6 @@ class DemoResult:
     rows: dict[str, dict] = field(default_factory=dict)  # model -> evaluation summary
     seconds: dict[str, float] = field(default_factory=dict)
     figures: list[Path] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def demo_roots(folder: Path) -> Iterator[dict[str, Path]]:
-    """Point DIFFPROBE_RAW/PREPROCESSED/RESULTS at ``folder`` for the duration of the demo."""
-    roots = {k: folder / k for k in ("raw", "preprocessed", "results")}
-    old = {k: os.environ.get(f"DIFFPROBE_{k.upper()}") for k in roots}
-    os.environ.update({f"DIFFPROBE_{k.upper()}": str(v) for k, v in roots.items()})
-    try:
-        yield roots
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(f"DIFFPROBE_{k.upper()}", None)
-            else:
-                os.environ[f"DIFFPROBE_{k.upper()}"] = v
 
 
 def _timed(result: DemoResult, stage: str, fn, *args, **kwargs):
@@ -103,7 +84,7 @@ def run_demo(folder: str | Path = "diffprobe_demo", compare_random: bool = False
     size = size or DemoSize()
     folder = Path(folder).resolve()
     result = DemoResult(folder)
-    with demo_roots(folder) as roots:
+    with paths.roots_at(folder) as roots:
         raw = roots["raw"] / DEMO_DATASET
         if not (raw / "dataset.json").is_file():
             cfg = PhantomConfig(num_train_labelled=size.num_labelled, num_train_unlabelled=size.num_unlabelled,

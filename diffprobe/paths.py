@@ -12,8 +12,10 @@ nnU-Net's ``dataset_fingerprint.json`` or plans.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from diffprobe.errors import DiffprobeError
@@ -114,3 +116,19 @@ def preprocessed_dir(spec: str | int) -> Path:
 
 def results_dir(spec: str | int) -> Path:
     return results_root() / dataset_name(spec) / SUBFOLDER
+
+
+@contextlib.contextmanager
+def roots_at(folder: str | Path) -> Iterator[dict[str, Path]]:
+    """Point DIFFPROBE_RAW/PREPROCESSED/RESULTS at ``folder/{raw,preprocessed,results}`` for a block."""
+    roots = {k: Path(folder) / k for k in _ROOTS}
+    old = {k: os.environ.get(_ROOTS[k][0]) for k in roots}
+    os.environ.update({_ROOTS[k][0]: str(v) for k, v in roots.items()})
+    try:
+        yield roots
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(_ROOTS[k][0], None)
+            else:
+                os.environ[_ROOTS[k][0]] = v

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from diffprobe.paths import roots_at
+
 SHARED_REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
 
 
@@ -76,8 +78,6 @@ def make_raw_dataset(raw_root: Path, dataset_id: int = 5, name: str = "Tiny", n_
 @pytest.fixture(scope="session")
 def phantom_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small preprocessed phantom dataset (id 1), built once per test session."""
-    import os
-
     from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
 
     base = tmp_path_factory.mktemp("phantom_roots")
@@ -85,19 +85,10 @@ def phantom_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cfg = PhantomConfig(num_train_labelled=3, num_train_unlabelled=2, num_test=1, fov_mm=60,
                         spacing_inplane=(1.0, 1.3), spacing_slice=(2.0, 3.0), scan_length_mm=(50, 70))
     make_phantom_dataset(roots["raw"] / "Dataset001_Phantoms", cfg)
-    old = {k: os.environ.get(f"DIFFPROBE_{k.upper()}") for k in roots}
-    for k, v in roots.items():
-        os.environ[f"DIFFPROBE_{k.upper()}"] = str(v)
-    try:
+    with roots_at(base):
         from diffprobe.plan_and_preprocess import plan_and_preprocess
 
         plan_and_preprocess(1, num_processes=2, show_progress=False)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(f"DIFFPROBE_{k.upper()}", None)
-            else:
-                os.environ[f"DIFFPROBE_{k.upper()}"] = v
     return roots
 
 
@@ -113,8 +104,6 @@ def trained_probe_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     """Own roots (not phantom_roots': tests there add models) with tiny phantoms, a tiny pretrained
     model 'tiny' and a trained probe (fold 'all', configuration tiny__fpn). Tests may train more
     configurations here, so name tiny__fpn (-c) where exactly this probe is meant."""
-    import os
-
     import torch
 
     from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
@@ -124,28 +113,21 @@ def trained_probe_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     cfg = PhantomConfig(num_train_labelled=3, num_train_unlabelled=1, num_test=1, fov_mm=60,
                         spacing_inplane=(1.0, 1.3), spacing_slice=(2.0, 3.0), scan_length_mm=(50, 70))
     make_phantom_dataset(roots["raw"] / "Dataset001_Phantoms", cfg)
-    old = {k: os.environ.get(f"DIFFPROBE_{k.upper()}") for k in roots}
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    for k, v in roots.items():
-        os.environ[f"DIFFPROBE_{k.upper()}"] = str(v)
     try:
-        from diffprobe.plan_and_preprocess import plan_and_preprocess
-        from diffprobe.pretraining.pretrain import pretrain
-        from diffprobe.probe.train import train_probe
+        with roots_at(base):
+            from diffprobe.plan_and_preprocess import plan_and_preprocess
+            from diffprobe.pretraining.pretrain import pretrain
+            from diffprobe.probe.train import train_probe
 
-        plan_and_preprocess(1, num_processes=1, show_progress=False)
-        pretrain(["1"], name="tiny", preset="tiny", overrides={"bpr_steps": 3, "diffusion_steps": 3, "num_workers": 0},
-                 show_progress=False)
-        train_probe(1, "all", "tiny", overrides={"steps": 3, "validate_every": 0}, show_progress=False,
-                    final_validation=False)
+            plan_and_preprocess(1, num_processes=1, show_progress=False)
+            pretrain(["1"], name="tiny", preset="tiny",
+                     overrides={"bpr_steps": 3, "diffusion_steps": 3, "num_workers": 0}, show_progress=False)
+            train_probe(1, "all", "tiny", overrides={"steps": 3, "validate_every": 0}, show_progress=False,
+                        final_validation=False)
     finally:
         torch.set_num_threads(old_threads)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(f"DIFFPROBE_{k.upper()}", None)
-            else:
-                os.environ[f"DIFFPROBE_{k.upper()}"] = v
     return roots
 
 

@@ -29,7 +29,7 @@ from diffprobe.io.image_io import SUPPORTED_ENDINGS, file_ending, write_image
 from diffprobe.parallel import progress_bar
 from diffprobe.predict.sliding_window import sliding_window_logits
 from diffprobe.preprocessing.preprocess import preprocess_checked, revert_to_original
-from diffprobe.pretraining.data import PHYSICAL_SCALE_MM
+from diffprobe.pretraining.data import VolumeRef, physical_guidance
 from diffprobe.pretraining.pretrain import resolve_device
 from diffprobe.probe.features import patch_seed
 from diffprobe.probe.model import TrainedProbe, load_trained_probe
@@ -136,10 +136,8 @@ def volume_guidance(probe: TrainedProbe, data: np.ndarray, identifier: str,
 
         return predict_coordinates(probe.bpr, data, tuple(probe.bpr_crop)).to(device)
     if mode == "physical":
-        centre = (np.array(shape) - 1) / 2
-        axes = [(np.arange(shape[a]) - centre[a]) * spacing[a] / PHYSICAL_SCALE_MM for a in range(3)]
-        zz, yy, xx = np.meshgrid(*axes, indexing="ij")
-        return torch.from_numpy(np.stack([xx, yy, zz]).astype(np.float32)).to(device)
+        ref = VolumeRef(Path(), identifier, tuple(shape), tuple(spacing))
+        return torch.from_numpy(physical_guidance(ref, np.zeros(3, dtype=int), tuple(shape))).to(device)
     if mode == "random":
         rng = np.random.default_rng(zlib.crc32(identifier.encode()))
         return torch.from_numpy(rng.uniform(-1, 1, size=(3, *shape)).astype(np.float32)).to(device)
