@@ -102,6 +102,53 @@ def test_head_training_loss_decreases(extractor):
     assert losses[-1] < 0.7 * losses[0]
 
 
+class _FakePatches:
+    """Stands in for LabelledPatches: batch(i) depends on i alone."""
+
+    batch_size = 2
+
+    def __init__(self):
+        self.calls = []
+
+    def batch(self, i: int) -> dict:
+        self.calls.append(i)
+        g = torch.Generator().manual_seed(100 + i)
+        image = torch.rand((2, 1, 8, 16, 16), generator=g) * 2 - 1
+        return {"image": image, "guidance": torch.rand((2, 3, 8, 16, 16), generator=g),
+                "seg": (image[:, 0] > 0).long(), "seeds": [1000 + 2 * i, 1001 + 2 * i]}
+
+
+def test_feature_pool_is_deterministic_per_step_and_matches_the_extractor(extractor):
+    from diffprobe.probe.feature_pool import FeaturePool, feature_bytes_per_patch, pool_size_for_budget
+
+    def pool():
+        src = _FakePatches()
+        return FeaturePool(extractor, src, size=4, batch_size=3, refresh_every=5, seed=7, device="cpu"), src
+
+    a, src_a = pool()
+    run = [a.batch(s) for s in range(8)]
+    assert src_a.calls == [0, 1, 2, 3]  # pool 0 from source batches 0-1, pool 1 (step 5) from 2-3
+    b, src_b = pool()  # a resumed run: starts at step 6, inside pool 1
+    for s in (6, 7):
+        got = b.batch(s)
+        torch.testing.assert_close(got["seg"], run[s]["seg"], atol=0, rtol=0)
+        for k in got["features"]:
+            torch.testing.assert_close(got["features"][k], run[s]["features"][k], atol=0, rtol=0)
+    assert src_b.calls == [2, 3]
+    # Entries are the extractor's features of the source patches (stored in float16).
+    first = _FakePatches().batch(0)
+    with torch.no_grad():
+        direct = extractor(first["image"], first["guidance"], first["seeds"])
+    whole = FeaturePool(extractor, _FakePatches(), size=2, batch_size=2, refresh_every=5, seed=0, device="cpu")
+    drawn = whole.batch(0)["features"]  # both entries, in a random order: compare order-free sums
+    for k, v in direct.items():
+        torch.testing.assert_close(drawn[k].sum(0), v.half().float().sum(0), atol=2e-3, rtol=1e-3)
+    nbytes = sum(v[:1].numel() * 2 for v in direct.values())
+    assert feature_bytes_per_patch(extractor, [8, 16, 16]) == nbytes
+    assert pool_size_for_budget(64, 2, nbytes, budget_gb=10 * nbytes / 1024**3) == 10
+    assert pool_size_for_budget(64, 4, nbytes, budget_gb=3 * nbytes / 1024**3) == 0
+
+
 def test_dice_per_class():
     pred = torch.tensor([0, 1, 1, 2, 0])
     ref = torch.tensor([0, 1, 0, 2, 2])
@@ -126,14 +173,16 @@ def test_splits_nnunet_style_and_user_splits(tmp_path):
         fold_cases(tmp_path, ids, "3")
 
 
-def test_probe_resume_equals_uninterrupted(use_trained_probe_roots, monkeypatch):
+@pytest.mark.parametrize("pool", [0, 4], ids=["per-step-features", "feature-pool"])
+def test_probe_resume_equals_uninterrupted(use_trained_probe_roots, monkeypatch, pool):
+    """Resume after the step-2 checkpoint; with the pool, a refresh (step 3) lies after the resume."""
     from diffprobe.probe.train import train_probe
     from diffprobe.training.checkpoint import load_checkpoint
     from diffprobe.training.trainer import Trainer
 
-    settings = {"steps": 4, "checkpoint_every": 2, "validate_every": 0}
+    settings = {"steps": 4, "checkpoint_every": 2, "validate_every": 0, "pool_patches": pool, "pool_refresh": 3}
     full = train_probe(1, "all", "tiny", overrides=settings, show_progress=False, final_validation=False,
-                       configuration="resume_full")
+                       configuration=f"resume_full{pool}")
     original_save = Trainer.save
 
     def save_then_die(self, path):  # interrupt right after the step-2 checkpoint, like Ctrl-C
@@ -145,16 +194,16 @@ def test_probe_resume_equals_uninterrupted(use_trained_probe_roots, monkeypatch)
         m.setattr(Trainer, "save", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             train_probe(1, "all", "tiny", overrides=settings, show_progress=False, final_validation=False,
-                        configuration="resume_split")
+                        configuration=f"resume_split{pool}")
     split = train_probe(1, "all", "tiny", overrides=settings, resume=True, show_progress=False,
-                        final_validation=False, configuration="resume_split")
+                        final_validation=False, configuration=f"resume_split{pool}")
     a = load_checkpoint(full.folder / "checkpoint_final.pt")["model"]
     b = load_checkpoint(split.folder / "checkpoint_final.pt")["model"]
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
     with pytest.raises(DiffprobeError, match="already trained"):
-        train_probe(1, "all", "tiny", overrides=settings, show_progress=False, configuration="resume_full")
+        train_probe(1, "all", "tiny", overrides=settings, show_progress=False, configuration=f"resume_full{pool}")
 
 
 def test_train_cli_writes_validation_summary(use_trained_probe_roots):

@@ -24,6 +24,7 @@ from diffprobe.pretraining import data as pdata
 from diffprobe.pretraining.pretrain import load_bpr, model_dir, resolve_device, write_bpr_maps
 from diffprobe.pretraining.sample import load_denoiser
 from diffprobe.probe.data import LabelledPatches, labelled_volumes
+from diffprobe.probe.feature_pool import FeaturePool, feature_bytes_per_patch, pool_size_for_budget
 from diffprobe.probe.head import HEADS
 from diffprobe.probe.losses import dice_per_class, segmentation_loss
 from diffprobe.probe.model import (
@@ -40,9 +41,9 @@ from diffprobe.training.trainer import Trainer, TrainerConfig
 from diffprobe.utils import read_json, write_json
 
 PROBE_DEFAULTS: dict[str, Any] = {
-    "steps": 300, "batch_size": 2, "lr": 1e-2, "finetune_lr": 1e-4, "width": 32, "warmup_steps": 20,
+    "steps": 1000, "batch_size": 2, "lr": 2e-2, "finetune_lr": 1e-4, "width": 32, "warmup_steps": 20,
     "checkpoint_every": 100, "validate_every": 100, "val_patches": 8, "oversample_foreground": 0.5,
-    "levels": None,
+    "levels": None, "pool_patches": 64, "pool_refresh": 250, "pool_gb": 4.0,
 }
 
 
@@ -82,6 +83,8 @@ def labelled_ids(data_dir: Path, ids: list[str]) -> list[str]:
 
 def _loss(model, batch, step: int, probe: ProbeModel, frozen: bool):
     device = next(probe.head.parameters()).device
+    if "features" in batch:  # from the feature pool: features already extracted
+        return segmentation_loss(model(batch["features"], batch["shape"]), batch["seg"].to(device))
     x0 = batch["image"].to(device)
     guidance = batch["guidance"].to(device) if batch["guidance"] is not None else None
     if frozen:
@@ -114,6 +117,20 @@ class PatchValidation:
         valid = [d for d in dice if d == d]
         out["val_dice_mean"] = sum(valid) / len(valid) if valid else float("nan")
         return out
+
+
+def _feature_pool(probe: ProbeModel, volumes: list, patch: list[int], guidance: str, cfg: dict, seed: int,
+                  rank: int, device: torch.device) -> FeaturePool | None:
+    """The frozen probe's feature pool, or None (extract per step) when pooling is off or nothing fits."""
+    per_patch = feature_bytes_per_patch(probe.extractor, patch)
+    useful = cfg["batch_size"] * min(int(cfg["steps"]), int(cfg["pool_refresh"]))  # more would never be drawn
+    wanted = min(int(cfg["pool_patches"]), useful)
+    size = pool_size_for_budget(wanted, cfg["batch_size"], per_patch, float(cfg["pool_gb"]))
+    if size < cfg["batch_size"]:
+        return None
+    chunk = cfg["batch_size"]  # extraction batch: the training batch, a size known to fit the device
+    source = LabelledPatches(volumes, patch, chunk, guidance, cfg["oversample_foreground"], seed, rank)
+    return FeaturePool(probe.extractor, source, size, cfg["batch_size"], int(cfg["pool_refresh"]), seed, device)
 
 
 def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default", head: str = "fpn",
@@ -174,7 +191,8 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
                       tcfg, folder, dev, name=f"probe fold {fold}", validate=validation)
     if resume:
         trainer.resume()
-    history = trainer.fit(lambda start: pdata.loader(source, start, 0), show_progress)
+    pool = _feature_pool(probe, train_vols, patch, pmeta["guidance"], cfg, seed, rank, dev) if not finetune else None
+    history = trainer.fit(pool.batches if pool else (lambda start: pdata.loader(source, start, 0)), show_progress)
     result = ProbeTrainResult(folder, history)
     if final_validation and dist_utils.is_main_process():
         from diffprobe.predict.validation import validate_fold
