@@ -180,3 +180,19 @@ def test_make_phantom_dataset(tmp_path: Path) -> None:
     test_label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTs" / "phantom_100.nii.gz")))
     assert set(np.unique(test_label)) <= set(LABELS.values())
     assert not list(out.rglob("*.tmp*"))  # atomic writes leave no temporaries
+
+
+def test_portal_venous_phase_changes_intensities_only(cases: list[PhantomCase]) -> None:
+    """Same seed, contrast phase: identical anatomy and labels; enhanced organs brighter than
+    muscle, kidneys and aorta still overlap (intensity alone does not separate them)."""
+    pv = [generate_case(replace(SMALL, phase="portal_venous"), i) for i in range(N_CASES)]
+    for native, enhanced in zip(cases, pv, strict=True):
+        np.testing.assert_array_equal(native.label, enhanced.label)
+    medians = {name: float(np.median(_pooled(pv, name))) for name in ORGAN_MEDIAN_RANGE}
+    assert 90 < medians["liver"] < 120 and 105 < medians["spleen"] < 135
+    assert 130 < medians["kidney_right"] < 190 and 130 < medians["aorta"] < 185  # partial volume lowers both
+    k5, k95 = np.percentile(_pooled(pv, "kidney_right"), [5, 95])
+    a5, a95 = np.percentile(_pooled(pv, "aorta"), [5, 95])
+    assert a5 < k95 and k5 < a95
+    with pytest.raises(ValueError, match="phase must be one of"):
+        generate_case(replace(SMALL, phase="arterial"), 0)

@@ -8,9 +8,12 @@ body-normalised coordinates, and stays anatomically consistent for every case.  
 axis is deliberately stretched relative to the in-plane axes (a vertebra is ~22 mm tall while the
 torso is 80 mm wide) so that a short CPU-sized scan still spans several vertebrae and organs.
 
-Intensities are non-contrast CT: organ HU ranges overlap each other and the surrounding muscle on
-purpose (kidneys, adrenal, aorta and muscle all sit within 30-50 HU; the two kidneys are
-identical), so a segmenter has to use shape and position, not intensity thresholds.
+Intensities (``phase="native"``, the default) are non-contrast CT: organ HU ranges overlap each
+other and the surrounding muscle on purpose (kidneys, adrenal, aorta and muscle all sit within
+30-50 HU; the two kidneys are identical), so a segmenter has to use shape and position, not
+intensity thresholds. ``phase="portal_venous"`` paints the contrast-enhanced values of a
+portal-venous abdominal scan (the phase of BTCV, the paper's benchmark): enhanced organs stand
+out from fat and muscle, while the two kidneys, aorta and IVC still share intensities.
 """
 
 from __future__ import annotations
@@ -60,6 +63,20 @@ TISSUE_HU: dict[str, tuple[float, float]] = {
     "aorta": (42.0, 3.0),
     "adrenal_right": (30.0, 2.5),
 }
+# Portal-venous contrast phase (BTCV-like): enhanced parenchyma and vessels; unenhanced tissue
+# keeps its native values. Kidneys and aorta overlap (150-190 HU), as do spleen, liver and IVC.
+PORTAL_VENOUS_HU: dict[str, tuple[float, float]] = {
+    "liver": (105.0, 8.0),
+    "spleen": (120.0, 8.0),
+    "ivc": (125.0, 10.0),
+    "kidney": (170.0, 10.0),
+    "aorta": (165.0, 12.0),
+    "adrenal_right": (70.0, 6.0),
+    "soft_tissue": (45.0, 4.0),
+    "muscle_wall": (55.0, 4.0),
+}
+PHASES: tuple[str, ...] = ("native", "portal_venous")
+
 # Hard limits for the sampled per-case means (keeps e.g. liver within 55 +- 8 HU).
 _HU_CLIP: dict[str, tuple[float, float]] = {
     "soft_tissue": (30.0, 55.0), "cortical": (700.0, 1000.0), "cancellous": (250.0, 400.0),
@@ -194,15 +211,21 @@ def _organ_shape(rng: np.random.Generator, centre: tuple[float, float, float], s
     return Ellipsoid(centre, semi, yaw + _jitter(rng, 4.0, 8.0), tilt + _jitter(rng, 3.0, 6.0))
 
 
-def sample_anatomy(rng: np.random.Generator, vert_period: float = 22.0) -> Anatomy:
+def sample_anatomy(rng: np.random.Generator, vert_period: float = 22.0, phase: str = "native") -> Anatomy:
     """Draw one case's anatomy: organ shapes/positions and tissue HU means.
 
     ``vert_period`` is given by the caller in reference mm so that the world-space vertebra height
-    stays in the anatomical 20-25 mm band whatever the body scale.
+    stays in the anatomical 20-25 mm band whatever the body scale. ``phase`` picks the tissue
+    values (:data:`PHASES`); the random draws are the same in both, so a case differs between
+    phases only in intensity.
     """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    table = {**TISSUE_HU, **PORTAL_VENOUS_HU} if phase == "portal_venous" else TISSUE_HU
     hu = {}
-    for name, (mean, sd) in TISSUE_HU.items():
-        lo, hi = _HU_CLIP.get(name, (mean - 3 * sd, mean + 3 * sd))
+    for name, (mean, sd) in table.items():
+        default = (mean - 3 * sd, mean + 3 * sd)
+        lo, hi = _HU_CLIP.get(name, default) if phase == "native" else default
         hu[name] = float(np.clip(rng.normal(mean, sd), lo, hi))
 
     liver_f = rng.uniform(0.85, 1.15)

@@ -47,6 +47,7 @@ class PhantomConfig:
     vertebra_height_mm: tuple[float, float] = (20.0, 25.0)  # at the reference FOV
     blur_sigma_vox: tuple[float, float] = (0.5, 0.7)  # in-plane partial-volume blur
     deformation_mm: float = 2.0  # std of the coarse smooth displacement (reference mm)
+    phase: str = "native"  # "native" (non-contrast) or "portal_venous" (BTCV-like contrast phase)
 
 
 @dataclass(eq=False)
@@ -131,7 +132,7 @@ def generate_case(config: PhantomConfig, case_index: int) -> PhantomCase:
     spacing = (sp_xy, sp_xy, sp_z)
 
     vert_height = rng.uniform(*config.vertebra_height_mm) * fov_scale
-    anat = sample_anatomy(rng, vert_period=vert_height / sw)
+    anat = sample_anatomy(rng, vert_period=vert_height / sw, phase=config.phase)
 
     # Map voxel centres into the body reference frame, then add a smooth random deformation
     # (coarse "posture" + finer "shape" component) so no two organs have identical outlines.
