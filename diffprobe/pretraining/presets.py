@@ -17,7 +17,7 @@ from diffprobe.planning import planner
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "patch_size": [16, 48, 48], "batch_size": 2, "base_channels": 8, "max_channels": 64, "max_levels": 4,
-        "blocks_per_level": 1, "diffusion_steps": 300, "diffusion_lr": 3e-4, "bpr_steps": 200, "bpr_lr": 1e-3,
+        "blocks_per_level": 1, "diffusion_steps": 500, "diffusion_lr": 1e-3, "bpr_steps": 200, "bpr_lr": 1e-3,
         "bpr_width": 8, "bpr_crop": [16, 48, 48], "warmup_steps": 20, "ema_decay": 0.99, "checkpoint_every": 50,
         "num_workers": 1, "compile": False, "channels_last": False,
     },
