@@ -69,6 +69,7 @@ class FeaturePool:
         self._epoch: int | None = None
         self._features: dict[str, Tensor] = {}
         self._seg: Tensor | None = None
+        self._shape: tuple[int, ...] = ()
 
     @torch.no_grad()
     def _fill(self, epoch: int) -> None:

@@ -119,17 +119,17 @@ class PatchValidation:
         return out
 
 
-def _feature_pool(probe: ProbeModel, volumes: list, patch: list[int], guidance: str, cfg: dict, seed: int,
-                  rank: int, device: torch.device) -> FeaturePool | None:
-    """The frozen probe's feature pool, or None (extract per step) when pooling is off or nothing fits."""
-    per_patch = feature_bytes_per_patch(probe.extractor, patch)
+def _feature_pool(probe: ProbeModel, source: LabelledPatches, cfg: dict, seed: int,
+                  device: torch.device) -> FeaturePool | None:
+    """The frozen probe's feature pool over the training patches, or None (extract per step) when
+    pooling is off or nothing fits. The pool fills itself from ``source``'s batches, so it sees
+    the same patches (and oversampling) per-step extraction would."""
+    per_patch = feature_bytes_per_patch(probe.extractor, source.patch)
     useful = cfg["batch_size"] * min(int(cfg["steps"]), int(cfg["pool_refresh"]))  # more would never be drawn
     wanted = min(int(cfg["pool_patches"]), useful)
     size = pool_size_for_budget(wanted, cfg["batch_size"], per_patch, float(cfg["pool_gb"]))
     if size < cfg["batch_size"]:
         return None
-    chunk = cfg["batch_size"]  # extraction batch: the training batch, a size known to fit the device
-    source = LabelledPatches(volumes, patch, chunk, guidance, cfg["oversample_foreground"], seed, rank)
     return FeaturePool(probe.extractor, source, size, cfg["batch_size"], int(cfg["pool_refresh"]), seed, device)
 
 
@@ -191,7 +191,7 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
                       tcfg, folder, dev, name=f"probe fold {fold}", validate=validation)
     if resume:
         trainer.resume()
-    pool = _feature_pool(probe, train_vols, patch, pmeta["guidance"], cfg, seed, rank, dev) if not finetune else None
+    pool = _feature_pool(probe, source, cfg, seed, dev) if not finetune else None
     history = trainer.fit(pool.batches if pool else (lambda start: pdata.loader(source, start, 0)), show_progress)
     result = ProbeTrainResult(folder, history)
     if final_validation and dist_utils.is_main_process():
