@@ -8,12 +8,15 @@ file behind under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from diffprobe.errors import DiffprobeError
 
 
 @contextlib.contextmanager
@@ -24,16 +27,49 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     blosc2) see the right ending, e.g. ``.nii.gz``.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    except OSError as e:
+        raise write_error(e, final) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, final)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise write_error(e, final) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# Write failures the user fixes (disk, quota, permissions, a file where a folder should be),
+# not bugs: they become one message naming the file instead of a traceback.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
+                      errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+
+
+def write_error(e: OSError, final: Path) -> Exception:
+    """The user-facing error for a failed write of ``final`` (``e`` itself when it is not one).
+
+    Why: a full disk or a read-only output folder is an environment problem the user fixes;
+    it must say which file could not be written, and that the previous version (if any) is
+    intact, since the atomic rename never happened.
+    """
+    if e.errno not in ENVIRONMENT_ERRNOS:
+        return e
+    kept = " (its previous version is unchanged)" if final.is_file() else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiffprobeError(f"disk full while writing this file{kept}", final,
+                              f"free space on {final.parent} (or its quota) and rerun the same command")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return DiffprobeError(f"cannot write this file: a parent of it is a file, not a folder ({e.strerror})",
+                              final, "choose an output location inside a folder")
+    return DiffprobeError(f"cannot write this file ({e.strerror}){kept}", final,
+                          f"make {final.parent} writable or choose another output folder")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.utils import atomic_path
@@ -43,7 +44,12 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write atomically (temp file + rename)."""
     payload = {"format": CHECKPOINT_FORMAT, **payload}
     with atomic_path(path, ".pt") as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as e:  # torch's writer reports a full disk / failed write as RuntimeError
+            raise DiffprobeError(f"cannot write this checkpoint ({str(e).strip().splitlines()[0][:160]}); "
+                                 "its previous version is unchanged", path,
+                                 "free disk space (or make the folder writable), then resume with --c") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -59,3 +65,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise DiffprobeError("checkpoint has an unknown format/version", path,
                              "retrain with this diffprobe version")
     return payload
+
+
+def load_state_checked(module: nn.Module, state: dict[str, Any], path: str | Path, made_by: str) -> None:
+    """``module.load_state_dict(state)``, refusing a checkpoint made for another network.
+
+    Why: a checkpoint copied from another dataset, configuration or version loads fine with
+    ``weights_only=True`` but its tensors do not fit; PyTorch's RuntimeError lists every
+    mismatching key, which says nothing about what to do. ``made_by`` names the command that
+    writes a matching checkpoint (e.g. "diffprobe train").
+    """
+    if not isinstance(state, dict):
+        raise DiffprobeError("checkpoint holds no weights (not a state dict)", path,
+                             f"use a checkpoint written by `{made_by}`")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
+        raise DiffprobeError(f"checkpoint does not fit this network: it was made for another dataset, "
+                             f"configuration or diffprobe version ({detail[:200]})", path,
+                             f"use the checkpoint of this dataset and configuration, or rerun `{made_by}`") from None
