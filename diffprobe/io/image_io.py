@@ -60,8 +60,61 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
             "put each series in its own folder",
         )
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    _check_slice_spacing(files, folder)
     reader.SetFileNames(files)
     return reader.Execute()
+
+
+def _slice_positions(files: tuple[str, ...] | list[str]) -> list[tuple[float, str]] | None:
+    """(position along the slice normal in mm, file) per slice, or None when the headers lack it."""
+    out = []
+    info = sitk.ImageFileReader()
+    info.SetImageIO("GDCMImageIO")
+    for f in files:
+        info.SetFileName(f)
+        info.ReadImageInformation()
+        if not (info.HasMetaDataKey("0020|0032") and info.HasMetaDataKey("0020|0037")):
+            return None
+        try:
+            pos = np.array([float(v) for v in info.GetMetaData("0020|0032").split("\\")])
+            ori = np.array([float(v) for v in info.GetMetaData("0020|0037").split("\\")])
+        except ValueError:
+            return None
+        if pos.size != 3 or ori.size != 6:
+            return None
+        normal = np.cross(ori[:3], ori[3:])
+        out.append((float(pos @ normal), f))
+    return sorted(out)
+
+
+def _check_slice_spacing(files: tuple[str, ...] | list[str], folder: Path) -> None:
+    """Refuse a series with a missing (or duplicated) slice.
+
+    Why: ITK only warns about non-uniform slice positions and then reads the remaining slices
+    onto a uniform grid with the *average* spacing, so every slice after the gap lands at the
+    wrong place: a segmentation of it would be silently misplaced.
+    """
+    if len(files) < 3:
+        return
+    pos = _slice_positions(files)
+    if pos is None:
+        return
+    z = np.array([p for p, _ in pos])
+    gaps = np.diff(z)
+    step = float(np.median(gaps))
+    tol = max(1e-3, 0.01 * abs(step))
+    bad = np.flatnonzero(np.abs(gaps - step) > tol)
+    if step <= tol:
+        raise DiffprobeError("DICOM series has several slices at the same position", folder,
+                             "export the series again (one file per slice position)")
+    if bad.size:
+        k = int(bad[0])
+        a, b = Path(pos[k][1]).name, Path(pos[k + 1][1]).name
+        kind = "missing" if gaps[k] > step else "duplicated or misplaced"
+        raise DiffprobeError(
+            f"DICOM series has {kind} slice(s): {gaps[k]:g} mm between {a} and {b} (z = {z[k]:g} and "
+            f"{z[k + 1]:g} mm), the other slices are {step:g} mm apart", folder,
+            "copy the complete series (every slice file) into the folder, or export it as one .nii.gz")
 
 
 def read_sitk(path: str | Path) -> sitk.Image:
