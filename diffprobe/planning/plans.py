@@ -29,17 +29,23 @@ def load_plans(path: str | Path) -> dict:
         raise DiffprobeError("plans file does not exist", path, "run `diffprobe plan_and_preprocess -d <id>` first")
     try:
         plans = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DiffprobeError(f"plans file is not valid JSON ({e})", path,
-                             "fix the edit, or rerun plan_and_preprocess with --replan") from None
+                             f"fix the edit, or rewrite the plans with {_replan_fix(path)}") from None
     validate_plans(plans, path)
     return plans
+
+
+def _replan_fix(path: Path) -> str:
+    """The command that rewrites this plans.json (``<preprocessed>/DatasetXXX_Name/diffprobe/plans.json``)."""
+    dataset = path.parent.parent.name if path.parent.name == "diffprobe" else "<id>"
+    return f"`diffprobe plan_and_preprocess -d {dataset} --replan` (hand edits are lost)"
 
 
 def _require(cond: bool, path: Path, key: str, what: str) -> None:
     if not cond:
         raise DiffprobeError(f"invalid value for '{key}': {what}", path,
-                             "correct the value, or rerun plan_and_preprocess with --replan")
+                             f"correct the value, or rewrite the plans with {_replan_fix(path)}")
 
 
 def _is_list_of(v: Any, kind: type, n: int | None = 3) -> bool:
@@ -48,7 +54,11 @@ def _is_list_of(v: Any, kind: type, n: int | None = 3) -> bool:
 
 
 def validate_plans(plans: dict, path: str | Path = PLANS_FILENAME) -> None:
-    """Raise DiffprobeError naming the first invalid key."""
+    """Raise DiffprobeError naming the first invalid key.
+
+    Why every type is checked: plans.json is edited by hand, and a later stage indexing a
+    string or a negative size would fail with a traceback far from the edit that caused it.
+    """
     path = Path(path)
     _require(isinstance(plans, dict), path, "<root>", "must be a JSON object")
     version = plans.get("plans_version")
@@ -56,35 +66,46 @@ def validate_plans(plans: dict, path: str | Path = PLANS_FILENAME) -> None:
              f"this diffprobe reads version {planner.PLANS_VERSION}, got {version!r}")
     for key in ("preprocessing", "patch_size", "batch_size", "network", "diffusion", "labels"):
         _require(key in plans, path, key, "missing")
+    for key in ("preprocessing", "network", "diffusion", "labels"):
+        _require(isinstance(plans[key], dict), path, key, f"must be a JSON object, got {plans[key]!r}"[:200])
     pre = plans["preprocessing"]
     ts = pre.get("target_spacing")
     _require(_is_list_of(ts, (int, float)) and all(v > 0 for v in ts), path, "preprocessing.target_spacing",
              "need three positive numbers (z, y, x) in mm")
-    for c, norm in pre.get("normalization", {}).items():
+    norms = pre.get("normalization", {})
+    _require(isinstance(norms, dict), path, "preprocessing.normalization",
+             "must map channel numbers to {'scheme': ...} objects")
+    for c, norm in norms.items():
+        _require(isinstance(norm, dict), path, f"preprocessing.normalization.{c}", "must be a JSON object")
         _require(norm.get("scheme") in ("ct_window", "zscore_per_image"), path,
-                 f"preprocessing.normalization.{c}.scheme", "must be 'ct_window' or 'zscore_per_image'")
+                 f"preprocessing.normalization.{c}.scheme",
+                 f"must be 'ct_window' or 'zscore_per_image', got {norm.get('scheme')!r}")
         if norm["scheme"] == "ct_window":
             w = norm.get("window_hu")
             _require(_is_list_of(w, (int, float), 2) and w[0] < w[1], path,
-                     f"preprocessing.normalization.{c}.window_hu", "need [low, high] with low < high")
+                     f"preprocessing.normalization.{c}.window_hu", f"need two numbers low, high with low < high, "
+                     f"got {w!r}")
     patch = plans["patch_size"]
     _require(_is_list_of(patch, int) and all(p > 0 for p in patch), path, "patch_size",
-             "need three positive integers (z, y, x)")
+             f"need three positive integers (z, y, x), got {patch!r}")
     stride = plans["network"].get("total_stride", [1, 1, 1])
+    _require(_is_list_of(stride, int) and all(k > 0 for k in stride), path, "network.total_stride",
+             f"need three positive integers, got {stride!r}")
     _require(all(p % k == 0 for p, k in zip(patch, stride)), path, "patch_size",
              f"{patch} is not divisible by the network's total stride {stride}; "
              "replan so the topology follows the patch")
-    _require(isinstance(plans["batch_size"], int) and plans["batch_size"] >= 1, path, "batch_size",
-             "need a positive integer")
+    _require(isinstance(plans["batch_size"], int) and not isinstance(plans["batch_size"], bool)
+             and plans["batch_size"] >= 1, path, "batch_size", f"need a positive integer, got {plans['batch_size']!r}")
     diff = plans["diffusion"]
-    _require(diff.get("schedule") in sch.SCHEDULES, path, "diffusion.schedule", f"one of {sch.SCHEDULES}")
+    _require(diff.get("schedule") in sch.SCHEDULES, path, "diffusion.schedule",
+             f"one of {', '.join(sch.SCHEDULES)}, got {diff.get('schedule')!r}")
     T = diff.get("num_timesteps")
-    _require(isinstance(T, int) and T > 1, path, "diffusion.num_timesteps", "need an integer > 1")
+    _require(isinstance(T, int) and not isinstance(T, bool) and T > 1, path, "diffusion.num_timesteps",
+             f"need an integer > 1, got {T!r}")
     t = diff.get("feature_timesteps")
     _require(_is_list_of(t, int, None) and len(t) > 0 and all(0 <= v < T for v in t), path,
-             "diffusion.feature_timesteps", f"need a non-empty list of integers in [0, {T})")
-    _require(isinstance(plans["labels"], dict) and 0 in plans["labels"].values(), path, "labels",
-             "need the dataset.json label map with background 0")
+             "diffusion.feature_timesteps", f"need a non-empty list of integers from 0 to {T - 1}, got {t!r}")
+    _require(0 in plans["labels"].values(), path, "labels", "need the dataset.json label map with background 0")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
