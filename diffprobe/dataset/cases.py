@@ -1,6 +1,7 @@
 """Finding the cases of a raw dataset.
 
-``imagesTr/<case>_<XXXX><ending>`` (one file per channel) and ``labelsTr/<case><ending>``.
+``imagesTr/<case>_<XXXX><ending>`` (one file per channel) and ``labelsTr/<case><ending>``,
+or, when dataset.json has nnU-Net's ``dataset`` key, the files it lists.
 A training case without a label file is *unlabelled*: it serves pretraining only.
 Test cases come from ``imagesTs`` and, when present, ``labelsTs``.
 """
@@ -38,6 +39,8 @@ def _strip_ending(name: str, ending: str) -> str | None:
 
 def list_cases(info: DatasetInfo, subset: str = "train") -> tuple[list[Case], list[Problem]]:
     """Cases of ``subset`` ('train' or 'test') and the naming problems found on the way."""
+    if subset == "train" and info.file_list is not None:
+        return _listed_cases(info)
     img_dir = info.folder / ("imagesTr" if subset == "train" else "imagesTs")
     lab_dir = info.folder / ("labelsTr" if subset == "train" else "labelsTs")
     problems: list[Problem] = []
@@ -88,4 +91,23 @@ def list_cases(info: DatasetInfo, subset: str = "train") -> tuple[list[Case], li
     if subset == "train" and not cases and not problems:
         raise DiffprobeError("imagesTr holds no images", img_dir,
                              f"add images named <case>_0000{info.file_ending}")
+    return cases, problems
+
+
+def _listed_cases(info: DatasetInfo) -> tuple[list[Case], list[Problem]]:
+    """Training cases from dataset.json's ``dataset`` listing (paths already checked to stay inside).
+
+    A listed file that does not exist is a problem of that case (all are reported together).
+    """
+    assert info.file_list is not None
+    cases: list[Case] = []
+    problems: list[Problem] = []
+    for ident, (images, label) in sorted(info.file_list.items()):
+        missing = [p for p in images + ([label] if label is not None else []) if not p.is_file()]
+        if missing:
+            problems.extend(Problem(str(p), f"file listed for case '{ident}' in dataset.json does not exist",
+                                    "add the file or correct its path under 'dataset' in dataset.json")
+                            for p in missing)
+            continue
+        cases.append(Case(ident, list(images), label, "train"))
     return cases, problems

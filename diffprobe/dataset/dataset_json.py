@@ -2,13 +2,17 @@
 
 Required keys: ``channel_names`` ({"0": "CT", ...}), ``labels`` ({"background": 0, ...}),
 ``numTraining`` and ``file_ending``. Region-based labels (lists) are not supported.
+The optional ``dataset`` key (nnU-Net v2: ``{case: {"images": [...], "label": ...}}``) lists
+the training files explicitly; unlike nnU-Net, its paths must be relative and stay inside the
+dataset folder (no absolute paths, ``..`` or symlinks leading out).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.io.image_io import SUPPORTED_ENDINGS
@@ -27,6 +31,9 @@ class DatasetInfo:
     num_training: int
     file_ending: str
     raw: dict
+    # nnU-Net's optional "dataset" key: {case: (image paths per channel, label path or None)},
+    # every path checked to lie inside ``folder``. None: cases come from imagesTr/labelsTr.
+    file_list: dict[str, tuple[list[Path], Path | None]] | None = None
 
     @property
     def num_channels(self) -> int:
@@ -97,4 +104,54 @@ def load_dataset_json(folder: str | Path) -> DatasetInfo:
     if not isinstance(num_training, int) or num_training < 0:
         raise DiffprobeError(f"numTraining must be a non-negative integer, got {num_training!r}", path,
                              "set it to the number of training cases")
-    return DatasetInfo(folder, folder.name, channels, labels, num_training, ending, raw)
+    file_list = _file_list(raw["dataset"], folder, path, len(channels)) if "dataset" in raw else None
+    return DatasetInfo(folder, folder.name, channels, labels, num_training, ending, raw, file_list)
+
+
+_CASE_ID_RE = re.compile(r"^[^/\\.][^/\\]*$")
+_LIST_FIX = ('list files relative to the dataset folder, inside it, e.g. "dataset": {"case1": {"images": '
+             '["imagesTr/case1_0000.nii.gz"], "label": "labelsTr/case1.nii.gz"}}')
+
+
+def _inside(entry: object, folder: Path, path: Path, where: str) -> Path:
+    """``folder / entry`` if ``entry`` is a relative path that stays inside ``folder`` (symlinks resolved).
+
+    Why: dataset.json may come with a downloaded dataset; a listed file must not make diffprobe
+    read (and, via case names, write) outside the dataset folder.
+    """
+    if not isinstance(entry, str) or not entry.strip():
+        raise DiffprobeError(f"{where} must be a file path (string), got {entry!r}", path, _LIST_FIX)
+    pure = PurePosixPath(entry.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(entry).drive or entry.startswith(("/", "\\", "~")):
+        raise DiffprobeError(f"{where} '{entry}' is an absolute path; listed files must lie inside the dataset "
+                             f"folder {folder}", path, _LIST_FIX)
+    if ".." in pure.parts:
+        raise DiffprobeError(f"{where} '{entry}' contains '..' and would point outside the dataset folder "
+                             f"{folder}", path, _LIST_FIX)
+    target = folder / Path(*pure.parts)
+    if not target.resolve().is_relative_to(folder.resolve()):
+        raise DiffprobeError(f"{where} '{entry}' is a symbolic link that resolves outside the dataset folder "
+                             f"({target.resolve()})", path,
+                             "copy the file into the dataset folder instead of linking it, or " + _LIST_FIX)
+    return target
+
+
+def _file_list(entries: object, folder: Path, path: Path,
+               num_channels: int) -> dict[str, tuple[list[Path], Path | None]]:
+    """Validate nnU-Net's ``"dataset": {case: {"images": [...], "label": ...}}`` listing."""
+    if not isinstance(entries, dict) or not entries:
+        raise DiffprobeError("'dataset' must be a non-empty object of cases", path, _LIST_FIX)
+    out: dict[str, tuple[list[Path], Path | None]] = {}
+    for case, entry in entries.items():
+        if not _CASE_ID_RE.match(case):
+            raise DiffprobeError(f"case name '{case}' under 'dataset' is not a plain name (it names output "
+                                 "files)", path, "use names without '/', '\\' or a leading '.'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("images"), list):
+            raise DiffprobeError(f"'dataset.{case}' needs an \"images\" list", path, _LIST_FIX)
+        if len(entry["images"]) != num_channels:
+            raise DiffprobeError(f"'dataset.{case}.images' lists {len(entry['images'])} file(s), but channel_names "
+                                 f"declares {num_channels} channel(s)", path, "list one image per channel, in order")
+        images = [_inside(e, folder, path, f"dataset.{case}.images[{i}]") for i, e in enumerate(entry["images"])]
+        label = entry.get("label")
+        out[case] = (images, None if label is None else _inside(label, folder, path, f"dataset.{case}.label"))
+    return out
