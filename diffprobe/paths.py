@@ -36,8 +36,22 @@ def root(kind: str) -> Path:
     for var in (ours, nnunet):
         value = os.environ.get(var)
         if value:
-            return Path(value).expanduser()
+            return _refuse_file_in_path(Path(value).expanduser(), var)
     return DEFAULT_BASE / kind
+
+
+def _refuse_file_in_path(folder: Path, var: str) -> Path:
+    """``folder`` unless it, or the nearest part of it that exists, is a file rather than a folder.
+
+    Why: every stage creates folders under its root; a root that is (or lies below) a regular
+    file fails there with NotADirectoryError / FileExistsError, far from the variable that is wrong.
+    """
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == folder else f"lies below the file {existing}"
+        raise DiffprobeError(f"{var} points to {folder}, which {where}, not a folder", folder,
+                             f"set {var} to a folder (existing or creatable)")
+    return folder
 
 
 def raw_root() -> Path:
@@ -116,6 +130,26 @@ def preprocessed_dir(spec: str | int) -> Path:
 
 def results_dir(spec: str | int) -> Path:
     return results_root() / dataset_name(spec) / SUBFOLDER
+
+
+_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+def check_name(name: object, what: str = "model name", source: str | Path | None = None) -> str:
+    """Return ``name`` if it is a plain folder name, else raise DiffprobeError.
+
+    Why: names such as a pretrained model's become folder names under the results root;
+    ``../x``, ``/abs`` or ``a/b`` would read or write outside it (and a name taken from a
+    downloaded archive is untrusted). Allowed: letters, digits, ``. _ + -``, not starting
+    with a dot, at most 128 characters. ``source`` is the file the name came from, if any.
+    """
+    if not isinstance(name, str) or not _SAFE_NAME_RE.match(name):
+        raise DiffprobeError(
+            f"{what} {name!r} is not a plain folder name (it could point outside {results_root()})",
+            source,
+            "use letters, digits, '.', '_', '+' and '-' only, not starting with '.', e.g. --name abdomen",
+        )
+    return name
 
 
 @contextlib.contextmanager

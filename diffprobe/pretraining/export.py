@@ -8,6 +8,7 @@ under its name (extraction goes to a temporary folder that is renamed at the end
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from diffprobe import paths
 from diffprobe.errors import DiffprobeError
-from diffprobe.pretraining.pretrain import model_dir
+from diffprobe.pretraining.pretrain import MODEL_FORMAT, model_dir
 from diffprobe.training.checkpoint import load_checkpoint
 from diffprobe.utils import atomic_path, read_json
 
@@ -25,7 +26,8 @@ MEMBERS = ("model.json", "bpr/checkpoint_final.pt", "diffusion/checkpoint_final.
 
 
 def export_model(name: str, output: str | Path) -> Path:
-    src = model_dir(name)
+    """Zip the pretrained model ``name`` into ``output`` (atomically); the name must be a plain folder name."""
+    src = model_dir(paths.check_name(name))
     if not (src / "model.json").is_file():
         raise DiffprobeError(f"no pretrained model named '{name}'", src, "see `ls` of results/pretrained")
     if not (src / "diffusion" / "checkpoint_final.pt").is_file():
@@ -40,9 +42,9 @@ def export_model(name: str, output: str | Path) -> Path:
 
 
 def _check_member(info: zipfile.ZipInfo, archive: Path) -> None:
-    p = PurePosixPath(info.filename)
+    p = PurePosixPath(info.filename.replace("\\", "/"))  # a Windows-made archive may use backslashes
     mode = info.external_attr >> 16
-    if p.is_absolute() or info.filename.startswith(("/", "\\")) or ".." in p.parts or ":" in info.filename:
+    if p.is_absolute() or ".." in p.parts or ":" in info.filename:
         raise DiffprobeError(f"archive member '{info.filename}' points outside the model folder", archive,
                              "only install archives written by `diffprobe export_model`")
     if stat.S_ISLNK(mode):
@@ -51,17 +53,32 @@ def _check_member(info: zipfile.ZipInfo, archive: Path) -> None:
 
 
 def install_model(archive: str | Path, name: str | None = None, force: bool = False) -> Path:
+    """Install ``archive`` under results/pretrained/<name or the archive's name>.
+
+    Why so careful: the archive comes from elsewhere. Members that would land outside the
+    model folder, symlinks, names that are not plain folder names and checkpoints that need
+    pickle are refused before anything appears under the final name.
+    """
     archive = Path(archive)
     if not zipfile.is_zipfile(archive):
         raise DiffprobeError("not a zip archive", archive, "pass a file written by `diffprobe export_model`")
     root = paths.results_root() / "pretrained"
     root.mkdir(parents=True, exist_ok=True)
+    if name is not None:
+        paths.check_name(name)
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         for info in infos:
             _check_member(info, archive)
         if "model.json" not in zf.namelist():
             raise DiffprobeError("archive has no model.json", archive, "export the model again")
+        if name is None:
+            try:
+                archive_name = json.loads(zf.read("model.json")).get("name")
+            except (ValueError, AttributeError):
+                archive_name = None
+            name = paths.check_name(archive_name, "the archive's model name", archive)
+        final_name = name
         tmp = Path(tempfile.mkdtemp(prefix=".install_", dir=root))
         try:
             for info in infos:
@@ -74,11 +91,22 @@ def install_model(archive: str | Path, name: str | None = None, force: bool = Fa
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-            meta = read_json(tmp / "model.json")
+            try:
+                meta = read_json(tmp / "model.json")
+            except ValueError as e:
+                raise DiffprobeError(f"the archive's model.json is not valid JSON ({e})", archive,
+                                     "export the model again") from None
+            if not isinstance(meta, dict):
+                raise DiffprobeError("the archive's model.json holds no JSON object", archive,
+                                     "export the model again")
             for ckpt in ("diffusion/checkpoint_final.pt", "bpr/checkpoint_final.pt"):
                 if (tmp / ckpt).is_file():
                     load_checkpoint(tmp / ckpt)  # weights_only=True: refuses pickled objects
-            final = root / (name or meta["name"])
+            if meta.get("format") != MODEL_FORMAT:
+                raise DiffprobeError(f"model format {meta.get('format')!r} is not supported by this version "
+                                     f"(it reads format {MODEL_FORMAT})", archive,
+                                     "export the model with the same diffprobe version, or pretrain it again")
+            final = root / final_name
             if final.exists():
                 if not force:
                     raise DiffprobeError(f"a model named '{final.name}' is already installed", final,
