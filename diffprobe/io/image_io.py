@@ -129,8 +129,12 @@ def read_sitk(path: str | Path) -> sitk.Image:
     except DiffprobeError:
         raise
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        reason = next((ln for ln in first if "ERROR" in ln or "Exception" in ln), first[0] if first else "")
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        # ITK's "sitk::ERROR: ..." line says what is wrong; the "Exception thrown in ..." line only
+        # names a C++ source location.
+        reason = next((ln for ln in lines if "ERROR" in ln),
+                      next((ln for ln in lines if "Exception" in ln), lines[0] if lines else ""))
+        reason = reason.split("ERROR:", 1)[-1].strip().replace(f'"{path}"', "the file")
         raise DiffprobeError(
             f"cannot be read as an image ({reason.strip()[:200]})",
             path,
@@ -168,6 +172,7 @@ def _check_3d(img: sitk.Image, path: Path) -> None:
         raise DiffprobeError(
             f"image is {img.GetDimension()}D (size {img.GetSize()}), diffprobe needs 3D volumes",
             path,
+            "export the whole scan (all slices) as one 3D volume" if img.GetDimension() < 3 else
             "export one 3D volume per file; split 4D series into one file per channel (_0000, _0001, ...)",
         )
     if img.GetNumberOfComponentsPerPixel() != 1:
