@@ -11,6 +11,7 @@ import errno
 import gzip
 import hashlib
 import json
+import locale
 import os
 import shutil
 import tempfile
@@ -433,7 +434,19 @@ PREDICT = ["-d", "1", "-c", "tiny__fpn", "-f", "all", "-device", "cpu"]
 
 
 def write_dicom(array: np.ndarray, folder: Path, series_uid: str, spacing=(1.0, 1.0, 2.5)) -> list[Path]:
-    """One CT series, one file per axial slice (SimpleITK's DicomSeriesFromArray recipe)."""
+    """One CT series, one file per axial slice (SimpleITK's DicomSeriesFromArray recipe).
+
+    GDCM's writer leaves the process locale at "C" (ASCII), which breaks later tests decoding
+    UTF-8 output with the locale encoding; the locale is restored.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom(array, folder, series_uid, spacing)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom(array: np.ndarray, folder: Path, series_uid: str, spacing: tuple[float, ...]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     img = sitk.GetImageFromArray(array.astype(np.int16))
     img.SetSpacing(spacing)
