@@ -112,6 +112,7 @@ def _bpr_loss(model, batch, step: int, seed: int, total_stride):
 
 def train_bpr(volumes, cfg: dict, out: Path, device: torch.device, resume: bool, seed: int,
               show_progress: bool) -> tuple[BodyPartRegressor, list]:
+    torch.manual_seed(seed)  # the initial weights: same seed, same model (a resumed run loads them instead)
     model = BodyPartRegressor(width=cfg["bpr_width"])
     crop = [max(k, (c // k) * k) for c, k in zip(cfg["bpr_crop"], model.total_stride)]
     tcfg = TrainerConfig(total_steps=cfg["bpr_steps"], lr=cfg["bpr_lr"], warmup_steps=cfg["warmup_steps"],
@@ -164,6 +165,7 @@ def build_denoiser(cfg: dict, plans: dict, guidance: str, attention: str) -> Dif
 
 def train_diffusion(volumes, cfg: dict, plans: dict, guidance: str, attention: str, out: Path,
                     device: torch.device, resume: bool, seed: int, show_progress: bool) -> tuple[DiffusionUNet, list]:
+    torch.manual_seed(seed)  # the initial weights: same seed, same model, whether or not BPR ran in this process
     model = build_denoiser(cfg, plans, guidance, attention)
     diffusion = GaussianDiffusion.from_plans(plans)
     tcfg = TrainerConfig(total_steps=cfg["diffusion_steps"], lr=cfg["diffusion_lr"],
