@@ -34,6 +34,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_process_value(value):
+    """Rank 0's ``value`` on every rank, so that all ranks take the same branch around a collective
+    (e.g. a save with a barrier decided from a file only rank 0 reads)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def init_from_env(device: str) -> torch.device:
     """Initialise the process group when launched by torchrun; return this rank's device."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_distributed():

@@ -30,8 +30,9 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.parallel import progress_bar
 from diffprobe.training import distributed as dist_utils
 from diffprobe.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from diffprobe.utils import save_figure
+from diffprobe.utils import atomic_path, save_figure
 
+LOG_FILENAME = "training_log.jsonl"
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -104,6 +105,7 @@ class Trainer:
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay else None
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.resumed_from: Path | None = None  # the checkpoint resume() loaded
 
     # ---- files -------------------------------------------------------------------------
     @property
@@ -133,8 +135,13 @@ class Trainer:
         dist_utils.barrier()
 
     def resume(self) -> bool:
-        """Load ``checkpoint_latest`` if present. The configured total_steps may exceed the saved one."""
-        path = self.final_path if self.final_path.is_file() else self.latest_path
+        """Load the newest checkpoint if there is one. The configured total_steps may exceed the saved one.
+
+        ``checkpoint_latest`` is never older than ``checkpoint_final`` (the end of a run writes latest,
+        then final; a run that extends the budget rewrites latest first), so it is preferred; final
+        alone is enough too (e.g. an installed model).
+        """
+        path = self.latest_path if self.latest_path.is_file() else self.final_path
         if not path.is_file():
             return False
         ckpt = load_checkpoint(path, self.device)
@@ -146,7 +153,33 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
         self.history = list(ckpt.get("history", []))
+        self.resumed_from = path
         return True
+
+    def _final_is_current(self) -> bool:
+        """Whether ``checkpoint_final`` holds this trainer's step (it may be missing or older when a run
+        was killed between writing ``checkpoint_latest`` and ``checkpoint_final`` at its end)."""
+        if not self.final_path.is_file():
+            return False
+        return int(load_checkpoint(self.final_path, "cpu")["step"]) == self.step
+
+    def _prepare_out_dir(self) -> None:
+        """Make the folder match the state training continues from (main process only).
+
+        A killed run may leave temporary files of interrupted writes (``.<name>.<random>.tmp*``;
+        never trusted, since only complete files are renamed into place) and log lines of steps
+        after its last checkpoint, which the resumed run logs again: the temporary files are
+        removed and ``training_log.jsonl`` is rewritten from the resumed history.
+        """
+        for f in self.out_dir.iterdir():
+            if f.is_file() and f.name.startswith(".") and ".tmp" in f.name:
+                f.unlink(missing_ok=True)
+        log = self.out_dir / LOG_FILENAME
+        if self.history:
+            with atomic_path(log, ".jsonl") as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        else:
+            log.unlink(missing_ok=True)
 
     # ---- loop --------------------------------------------------------------------------
     def _autocast(self):
@@ -156,13 +189,23 @@ class Trainer:
     def fit(self, batches: Callable[[int], Iterator[Any]], show_progress: bool = True) -> list[dict[str, float]]:
         """Train from ``self.step`` to ``cfg.total_steps``; ``batches(start)`` yields the batch of each step."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        main = dist_utils.is_main_process()
+        if main:
+            self._prepare_out_dir()
         if self.step >= self.cfg.total_steps:
+            # killed after the last checkpoint_latest, before checkpoint_final: write the final one now
+            if dist_utils.main_process_value(main and not self._final_is_current()):
+                self.save(self.final_path)
+                if main:
+                    self.plot_losses()
             return self.history
         self.model.train()
         it = batches(self.step)
-        main = dist_utils.is_main_process()
         t_start, samples_done = time.perf_counter(), 0
         with progress_bar() as progress:
+            if self.resumed_from is not None and show_progress and main:
+                progress.console.print(f"{self.name}: resumed from step {self.step} ({self.resumed_from.name})",
+                                       highlight=False)
             task = progress.add_task(f"{self.name}", total=self.cfg.total_steps, completed=self.step,
                                      visible=show_progress and main)
             while self.step < self.cfg.total_steps:
@@ -216,7 +259,7 @@ class Trainer:
             self.model.train()
 
     def _log(self, record: dict[str, float]) -> None:
-        with open(self.out_dir / "training_log.jsonl", "a") as f:
+        with open(self.out_dir / LOG_FILENAME, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def plot_losses(self) -> Path | None:
