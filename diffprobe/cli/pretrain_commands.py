@@ -24,6 +24,8 @@ def pretrain_cmd(
     batch_size: int | None = typer.Option(None, "--batch_size", help="override the preset's batch size"),
     lr: float | None = typer.Option(None, "--lr", help="override the diffusion learning rate"),
     num_workers: int | None = typer.Option(None, "--num_workers", help="data-loading processes"),
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint_every",
+                                                help="save checkpoint_latest every N steps (default: the preset's)"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the denoiser (GPU)"),
     channels_last: bool = typer.Option(False, "--channels_last", help="channels_last_3d memory format (GPU)"),
@@ -32,7 +34,8 @@ def pretrain_cmd(
     from diffprobe.pretraining.pretrain import pretrain
 
     overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "batch_size": batch_size,
-                 "diffusion_lr": lr, "num_workers": num_workers, "compile": compile_model or None,
+                 "diffusion_lr": lr, "num_workers": num_workers, "checkpoint_every": checkpoint_every,
+                 "compile": compile_model or None,
                  "channels_last": channels_last or None}
     result = pretrain(dataset, name=name, stage=stage, preset=preset, guidance=guidance, attention=attention,
                       device=device, resume=resume, overrides=overrides, seed=seed)

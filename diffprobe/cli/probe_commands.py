@@ -18,9 +18,11 @@ def train_cmd(
     finetune: bool = typer.Option(False, "--finetune", help="train the denoiser as well (not frozen)"),
     device: str = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda or cuda:N"),
     resume: bool = typer.Option(False, "--c", "--continue", help="resume from checkpoint_latest (may extend steps)"),
-    steps: int | None = typer.Option(None, "--steps", help="training steps (default 300)"),
+    steps: int | None = typer.Option(None, "--steps", help="training steps (default 1000)"),
     batch_size: int | None = typer.Option(None, "--batch_size", help="patches per step (default 2)"),
     lr: float | None = typer.Option(None, "--lr", help="head learning rate"),
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint_every",
+                                                help="save checkpoint_latest every N steps (default 100)"),
     timesteps: list[int] | None = typer.Option(None, "--t", "--timesteps",
                                                help="feature timesteps (default: the plans' feature_timesteps)"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
@@ -28,8 +30,9 @@ def train_cmd(
     """Train a probing head on the frozen pretrained denoiser's multi-timestep features."""
     from diffprobe.probe.train import train_probe
 
-    result = train_probe(dataset, fold, pretrained, head, finetune, device, resume,
-                         {"steps": steps, "batch_size": batch_size, "lr": lr}, timesteps or None, seed)
+    overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "checkpoint_every": checkpoint_every}
+    result = train_probe(dataset, fold, pretrained, head, finetune, device, resume, overrides, timesteps or None,
+                         seed)
     if result.validation:
         from diffprobe.predict.validation import format_validation
 
