@@ -14,6 +14,11 @@ from diffprobe.paths import roots_at
 SHARED_REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-ct"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--kill-full", action="store_true", default=False,
+                     help="test_kill_resume.py: the full set of kill points (also DIFFPROBE_KILL_FULL=1)")
+
+
 @pytest.fixture
 def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """Point DIFFPROBE_RAW/PREPROCESSED/RESULTS at empty temporary folders."""
