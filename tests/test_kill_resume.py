@@ -206,15 +206,17 @@ def test_pretrain_killed_and_interrupted(lab, full):
 
 
 def test_pretrain_continues_a_run_killed_between_its_last_two_writes(lab):
-    """Deterministic form of a narrow window: the end of a training stage writes checkpoint_latest,
-    then checkpoint_final. Killed in between (both stages here), with a garbage temporary file of an
-    interrupted checkpoint write and log lines of steps after the last checkpoint left behind, --c
-    must write the final checkpoints (equal to the reference), drop the temporary file and the
-    extra log lines."""
+    """Deterministic form of two narrow windows: the end of a training stage writes checkpoint_latest,
+    then checkpoint_final, then the figures. BPR killed between the checkpoints, diffusion between
+    checkpoint_final and its loss curve; both with a garbage temporary file of an interrupted
+    checkpoint write and log lines of steps after the last checkpoint left behind: --c must write
+    the final checkpoint (equal to the reference) and the figures, drop the temporary files and
+    the extra log lines."""
     lab.restore("pretrain")
+    (lab.work / MODEL / "bpr" / "checkpoint_final.pt").unlink()
+    (lab.work / MODEL / "diffusion" / "loss_curve.png").unlink()
     for sub in ("bpr", "diffusion"):
         folder = lab.work / MODEL / sub
-        (folder / "checkpoint_final.pt").unlink()
         (folder / ".checkpoint_latest.pt.x1y2z3.tmp.pt").write_bytes(b"PK\x03\x04 half a checkpoint")
         log = folder / "training_log.jsonl"
         log.write_text(log.read_text() + '{"step": 999, "loss": 1.0}\n')

@@ -163,6 +163,11 @@ class Trainer:
             return False
         return int(load_checkpoint(self.final_path, "cpu")["step"]) == self.step
 
+    def _plots_missing(self) -> bool:
+        validated = any(k.startswith("val_") for h in self.history for k in h)
+        return bool(self.history) and not ((self.out_dir / "loss_curve.png").is_file() and (
+            not validated or (self.out_dir / "validation_curve.png").is_file()))
+
     def _prepare_out_dir(self) -> None:
         """Make the folder match the state training continues from (main process only).
 
@@ -196,8 +201,8 @@ class Trainer:
             # killed after the last checkpoint_latest, before checkpoint_final: write the final one now
             if dist_utils.main_process_value(main and not self._final_is_current()):
                 self.save(self.final_path)
-                if main:
-                    self.plot_losses()
+            if main and self._plots_missing():  # killed after checkpoint_final, before the figures
+                self.plot_losses()
             return self.history
         self.model.train()
         it = batches(self.step)
