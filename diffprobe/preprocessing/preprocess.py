@@ -14,10 +14,7 @@ import json
 import zlib
 
 import numpy as np
-from nnunetv2.preprocessing.resampling.default_resampling import (
-    compute_new_shape,
-    resample_data_or_seg_to_shape,
-)
+from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
 
 from diffprobe.dataset.cases import Case
 from diffprobe.dataset.dataset_json import DatasetInfo
@@ -26,6 +23,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.io.geometry import AxisMap, Geometry, undo_canonical
 from diffprobe.preprocessing.cropping import bounding_box, crop, foreground_mask
 from diffprobe.preprocessing.normalization import normalize
+from diffprobe.preprocessing.resampling import resample_to_shape
 
 MAX_CLASS_LOCATIONS = 1000
 
@@ -39,9 +37,10 @@ def preprocessing_hash(plans: dict) -> str:
 def _resample(data: np.ndarray, new_shape: list[int], spacing: list[float], target: list[float],
               resampling: dict, is_seg: bool) -> np.ndarray:
     order = resampling["label_order"] if is_seg else resampling["image_order"]
-    return resample_data_or_seg_to_shape(
-        data, new_shape, spacing, target, is_seg=is_seg, order=order, order_z=resampling["order_z"],
-        force_separate_z=None, separate_z_anisotropy_threshold=resampling["anisotropy_threshold"])
+    # nnU-Net's resampling (same numbers), slice by slice: its whole-volume float64 temporaries
+    # dominated prediction RAM on CT-sized volumes (see diffprobe/preprocessing/resampling.py).
+    return resample_to_shape(data, new_shape, spacing, target, is_seg, order, resampling["order_z"],
+                             resampling["anisotropy_threshold"])
 
 
 def class_locations(seg: np.ndarray, labels: list[int], seed: int) -> dict[str, list[list[int]]]:
