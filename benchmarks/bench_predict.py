@@ -59,6 +59,7 @@ FOLD = "all"
 CT_VOLUMES = {  # name -> (shape (z, y, x), spacing (z, y, x) mm)
     "ct256": ((128, 256, 256), (3.0, 1.5, 1.5)),
     "ct512": ((300, 512, 512), (1.5, 0.8, 0.8)),
+    "ct600": ((600, 512, 512), (1.5, 0.8, 0.8)),  # the reliability issue's RAM-bound volume
 }
 VOLUME_CHOICES = ["phantom", *CT_VOLUMES]
 # (tool, setting, tta) in run order; the TTA run of a tool follows its run without TTA.

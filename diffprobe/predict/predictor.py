@@ -27,6 +27,7 @@ from diffprobe.dataset.integrity import check_case
 from diffprobe.errors import DiffprobeError
 from diffprobe.io.image_io import SUPPORTED_ENDINGS, file_ending, write_image
 from diffprobe.parallel import progress_bar
+from diffprobe.predict.memory import available_bytes, estimate_for_input
 from diffprobe.predict.sliding_window import sliding_window_logits
 from diffprobe.preprocessing.preprocess import preprocess_checked, revert_to_original
 from diffprobe.pretraining.data import VolumeRef, physical_guidance
@@ -165,7 +166,20 @@ def predict_logits(probes: list[TrainedProbe], data: np.ndarray, identifier: str
             batch_size=batch_size, mirror_axes=(0, 1, 2) if tta else (), device=device,
             accumulate_dtype=torch.float16 if device.type == "cuda" else torch.float32, progress=progress)
         total = logits if total is None else total.add_(logits)
-    return total / len(probes)
+        del logits
+    return total.div_(len(probes)) if len(probes) > 1 else total  # in place: no second K x volume copy
+
+
+def label_map(logits: torch.Tensor, slab: int = 16) -> np.ndarray:
+    """``argmax`` over classes as uint8, slab by slab along z.
+
+    ``logits.argmax(0)`` on a whole CT would allocate an int64 volume (8 bytes a voxel, ~0.6 GB for
+    75 M voxels) only to narrow it to uint8; slabs keep that transient at ``slab`` slices.
+    """
+    out = np.empty(logits.shape[1:], dtype=np.uint8)
+    for z in range(0, logits.shape[1], slab):
+        out[z:z + slab] = logits[:, z:z + slab].argmax(0).to(torch.uint8).cpu().numpy()
+    return out
 
 
 def predict_case(probes: list[TrainedProbe], case: Case, out_path: Path, device: torch.device,
@@ -179,9 +193,13 @@ def predict_case(probes: list[TrainedProbe], case: Case, out_path: Path, device:
     if checked is None:
         raise DiffprobeError(problems[0].what, problems[0].file, problems[0].fix)
     data, _, props = preprocess_checked(checked, info, plans)
+    del checked  # the raw-resolution float32 image is not needed past preprocessing
     logits = predict_logits(probes, data, case.identifier, plans["preprocessing"]["target_spacing"], device,
                             step_size, tta, progress=progress)
-    seg = logits.argmax(0).to(torch.uint8).cpu().numpy()
+    del data
+    seg = label_map(logits)
+    if not save_probabilities:
+        del logits  # the label map is all that is resampled back; free K x volume first
     seg_raw, geometry = revert_to_original(seg, props, is_seg=True, resampling=plans["preprocessing"]["resampling"])
     if save_probabilities:
         probs = torch.softmax(logits.float(), 0).cpu().numpy()
@@ -192,6 +210,26 @@ def predict_case(probes: list[TrainedProbe], case: Case, out_path: Path, device:
             np.savez_compressed(tmp, probabilities=np.stack(raw).astype(np.float16))
     write_image(seg_raw.astype(np.uint8), geometry, out_path)
     return out_path
+
+
+def _refuse_if_too_large(case: Case, fold_dir: Path, num_probes: int, save_probabilities: bool) -> None:
+    """Refuse, before reading the pixels, a case whose RAM bound exceeds what the OS can give.
+
+    Being OOM-killed half-way through a long ensemble is the worst outcome on a shared node:
+    no message, nothing written. Unreadable headers are left to the integrity check's message.
+    """
+    try:
+        need = estimate_for_input(case.images[0], fold_dir, num_probes, save_probabilities)
+    except Exception:  # noqa: BLE001 - corrupt or unsupported header: check_case reports it properly
+        return
+    have = available_bytes()
+    if have is not None and need.total_bytes > have:
+        raise DiffprobeError(
+            f"predicting this image needs about {need.total_gb:.1f} GB of RAM ({need.describe()}; "
+            f"{need.raw_voxels / 1e6:.0f} M voxels), but only {have / 1e9:.1f} GB are available",
+            case.images[0], "free memory or run on a machine with more RAM; drop --save_probabilities or "
+            "ensemble fewer folds (-f) to lower the need; if a cluster job's limit is misread, set "
+            "DIFFPROBE_MEMORY_LIMIT_GB")
 
 
 def predict(inputs: str | Path, output: str | Path, dataset: str | int | None = None,
@@ -225,6 +263,7 @@ def predict(inputs: str | Path, output: str | Path, dataset: str | int | None = 
                 written.append(out_path)
                 bar.advance(task)
                 continue
+            _refuse_if_too_large(case, fold_dirs[0], len(probes), save_probabilities)
             bar.update(task, description=f"predict {case.identifier}")
             tiles = bar.add_task(f"  tiles of {case.identifier}", total=None, visible=show_progress)
 

@@ -164,6 +164,13 @@ def sliding_window_logits(
             progress(min(first + batch_size, len(starts)), len(starts))
 
     crop = tuple(slice(b, b + n) for b, n in zip(before, shape))
+    if accumulate_dtype == torch.float32:
+        # In place: the K x volume sum becomes the result, so no second K x volume buffer is ever
+        # allocated (for a 512x512x600 CT and 7 classes that is ~2 GB). Contiguous when nothing was padded.
+        logit_sum.div_(weight_sum)
+        del weight_sum
+        result = logit_sum[(slice(None), *crop)] if any(pad) else logit_sum
+        return result.contiguous()
     result = torch.empty((num_classes, *shape), dtype=torch.float32, device=device)
     # Mixed-dtype division promotes to float32 and writes straight into ``result`` (no fp32 copy of the sums).
     torch.div(logit_sum[(slice(None), *crop)], weight_sum[crop].float(), out=result)

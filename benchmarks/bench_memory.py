@@ -1,0 +1,79 @@
+"""Peak RAM of ``diffprobe predict`` on a large CT, against diffprobe's own documented bound.
+
+Usage:
+    python benchmarks/bench_memory.py [--volume ct600] [--step-size 1.0] [--threads 2]
+        [--workdir /tmp/diffprobe_bench_predict] [--code OTHER_CHECKOUT ...]
+
+Reuses bench_predict.py's set-up (phantom dataset 902, a tiny pretrained model and probe, the
+volumes; generated once in the work dir: ct600 = 512x512x600 at 0.8x0.8x1.5 mm takes ~3 min and
+~13 GB RAM to generate). Runs ``diffprobe predict -device cpu`` on the volume in a subprocess and
+samples the RSS summed over its process tree every 50 ms. ``--code`` runs the same command with
+other checkouts first on PYTHONPATH (e.g. a ``git worktree`` of an older commit), side by side in
+one run, so a change's effect on RAM is measured, not asserted.
+
+The sliding window's buffers do not depend on the tile step, only on the volume: ``--step-size 1``
+(8x fewer tiles than the default 0.5) measures the same peak in minutes instead of an hour on CPU.
+The table printed last gives, per code version: seconds, peak RAM, and the bound that
+``diffprobe.predict.memory.estimate_predict_bytes`` states for this input (the number predict
+checks against the available RAM before it allocates anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import run_measured  # noqa: E402
+from bench_predict import CT_VOLUMES, DATASET_ID, FOLD, ensure_models, ensure_volume, roots_env  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--volume", default="ct600", choices=["phantom", *CT_VOLUMES])
+    ap.add_argument("--step-size", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/diffprobe_bench_predict"))
+    ap.add_argument("--code", type=Path, nargs="*", default=[], help="other checkouts to measure side by side")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--cases", type=int, default=4)
+    ap.add_argument("--fov_mm", type=float, default=110.0)
+    ap.add_argument("--pretrain-steps", type=int, default=5)
+    ap.add_argument("--probe-steps", type=int, default=5)
+    args = ap.parse_args()
+    env = roots_env(args.workdir, args.threads)
+    config = ensure_models(args, env)["diffprobe"]["configuration"]
+    folder, info = ensure_volume(args.volume, args.workdir)
+
+    from diffprobe.predict.memory import estimate_for_input
+    from diffprobe.probe.model import probe_dir
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith("DIFFPROBE_")})
+    bound = estimate_for_input(next(folder.iterdir()), probe_dir(DATASET_ID, config, FOLD))
+    print(f"{args.volume}: {info}; documented bound {bound.total_gb:.2f} GB ({bound.describe()})", flush=True)
+    here = Path(__file__).resolve().parents[1]
+    rows = []
+    for code in [*args.code, here]:
+        out = Path(tempfile.mkdtemp(prefix="bench_memory_", dir=args.workdir))
+        run_env = dict(env, PYTHONPATH=f"{code}{os.pathsep}{env.get('PYTHONPATH', '')}")
+        cmd = [sys.executable, "-m", "diffprobe", "predict", "-i", str(folder), "-o", str(out), "-d", str(DATASET_ID),
+               "-f", FOLD, "-device", "cpu", "-step_size", str(args.step_size)]
+        print(f"running {code}: {' '.join(cmd)}", flush=True)
+        m = run_measured(cmd, env=run_env)
+        if m.returncode != 0:
+            print(m.output_tail)
+        rows.append((str(code), m))
+    print(f"\n{args.volume} {info['shape_zyx']} voxels, -step_size {args.step_size}, {args.threads} threads")
+    print("| code | exit | seconds | peak RAM GB (summed RSS) | bound GB | peak / bound |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for code, m in rows:
+        print(f"| {code} | {m.returncode} | {m.seconds:.0f} | {m.peak_rss_gb:.2f} | {bound.total_gb:.2f} "
+              f"| {m.peak_rss_gb / bound.total_gb:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
