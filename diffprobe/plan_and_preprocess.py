@@ -21,6 +21,7 @@ from diffprobe.dataset.cases import Case, list_cases
 from diffprobe.dataset.dataset_json import DatasetInfo, load_dataset_json
 from diffprobe.errors import DiffprobeError
 from diffprobe.fingerprint import compute_fingerprint
+from diffprobe.locking import folder_lock
 from diffprobe.parallel import parallel_map
 from diffprobe.planning import planner
 from diffprobe.planning.plans import (
@@ -84,7 +85,15 @@ def plan_and_preprocess(
     raw_dir = paths.raw_dataset_dir(dataset)
     info = load_dataset_json(raw_dir)
     out = paths.preprocessed_root() / raw_dir.name / paths.SUBFOLDER
-    out.mkdir(parents=True, exist_ok=True)
+    # Two runs on one dataset would race on plans.json and the case files: the second one refuses.
+    with folder_lock(out, f"plan_and_preprocess of {raw_dir.name}"):
+        return _plan_and_preprocess_locked(raw_dir, info, out, num_processes, clean, replan, plan_kwargs,
+                                           overrides, show_progress)
+
+
+def _plan_and_preprocess_locked(raw_dir: Path, info: DatasetInfo, out: Path, num_processes: int, clean: bool,
+                                replan: bool, plan_kwargs: dict[str, Any] | None, overrides: list[str] | None,
+                                show_progress: bool) -> PreprocessReport:
     cases, _ = list_cases(info, "train")
     report = PreprocessReport(out, out / PLANS_FILENAME)
 
