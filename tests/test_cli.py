@@ -47,3 +47,21 @@ def test_unknown_dataset_clean_error(roots):
 
 def test_bad_option_exit_code(roots):
     assert main(["plan_and_preprocess", "--no-such-option"]) == 2
+
+
+def test_error_messages_are_printed_verbatim(capfd) -> None:
+    """Bracketed text in a message (paths, ranges) is not swallowed as rich markup."""
+    from diffprobe.cli.app import app
+
+    @app.command("_raise_bracketed", hidden=True)
+    def _raise() -> None:
+        from diffprobe.errors import DiffprobeError
+
+        raise DiffprobeError("value must be in [low, high]", "/data/[weird]/plans.json", "use [0, 1]")
+
+    try:
+        assert main(["_raise_bracketed"]) == 1
+        err = capfd.readouterr().err
+        assert "[low, high]" in err and "/data/[weird]/plans.json" in err and "use [0, 1]" in err
+    finally:
+        app.registered_commands[:] = [c for c in app.registered_commands if c.name != "_raise_bracketed"]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 try:  # typer >= 0.20 vendors click; its exceptions live in typer._click
     from typer._click.exceptions import ClickException
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         result = app(args, standalone_mode=False, prog_name="diffprobe")
         code = result if isinstance(result, int) else 0
     except DiffprobeError as e:
-        console.print(f"[bold red]error:[/] {e.format()}", highlight=False, markup=True, soft_wrap=True)
+        # escape: the message is text, not markup ("need [low, high]" must not be eaten as a tag)
+        console.print(f"[bold red]error:[/] {escape(e.format())}", highlight=False, markup=True, soft_wrap=True)
         code = 1
     except typer.Exit as e:
         code = e.exit_code
