@@ -621,3 +621,31 @@ def test_install_model_of_another_version(probe: Roots, tmp_path: Path, capfd: p
     assert_clean_failure(code, text, f"{archive}: model format 7 is not supported by this version",
                          "export the model with the same diffprobe version")
     assert not (probe.base / "results" / "pretrained" / "other").exists()
+
+
+# ---- rows closed after the first matrix (model names, resume checkpoints, memory) ---------------
+@pytest.mark.parametrize("name", ["../escape", "/abs/model", "a/b"])
+def test_pretrain_name_escaping_results(probe: Roots, name: str, capfd: pytest.CaptureFixture) -> None:
+    """`pretrain --name` becomes a folder under results/pretrained: path-like names are refused."""
+    before = tree_hashes(probe.base)
+    code, text = run_cli(["pretrain", "-d", "1", "--name", name, "--preset", "tiny", "--bpr_steps", "1",
+                          "--diffusion_steps", "1", "-device", "cpu"], capfd)
+    assert_clean_failure(code, text, name)
+    assert tree_hashes(probe.base) == before
+
+
+def test_resume_from_checkpoint_of_another_network(probe: Roots, capfd: pytest.CaptureFixture) -> None:
+    """`train --c` with a checkpoint_latest.pt whose tensors do not fit the head: one message, not
+    PyTorch's key list; the checkpoint itself is left as it was."""
+    from diffprobe.training.checkpoint import load_checkpoint, save_checkpoint
+
+    latest = probe.pre / "checkpoint_latest.pt"
+    ckpt = load_checkpoint(latest)
+    ckpt["model"] = {k: torch.zeros(3, 1) for k in ckpt["model"]}
+    save_checkpoint(latest, {k: v for k, v in ckpt.items() if k != "format"})
+    before = tree_hashes(probe.pre)
+    code, text = run_cli(["train", "-d", "1", "-f", "all", "--pretrained", "tiny", "--c", "--steps", "4",
+                          "-device", "cpu"], capfd)
+    assert_clean_failure(code, text, "checkpoint_latest.pt")
+    assert {k: v for k, v in tree_hashes(probe.pre).items() if k.endswith(".pt")} == \
+        {k: v for k, v in before.items() if k.endswith(".pt")}

@@ -28,6 +28,7 @@ from diffprobe.preprocessing.storage import load_array, open_array, save_array
 from diffprobe.pretraining import data as pdata
 from diffprobe.pretraining.presets import resolve_preset
 from diffprobe.training import distributed as dist_utils
+from diffprobe.training.checkpoint import load_state_checked
 from diffprobe.training.trainer import Trainer, TrainerConfig
 from diffprobe.utils import read_json, write_json
 
@@ -44,7 +45,8 @@ class PretrainResult:
 
 
 def model_dir(name: str) -> Path:
-    return paths.results_root() / "pretrained" / name
+    # a plain folder name only: "--name ../x" must not write (or read) outside results/pretrained
+    return paths.results_root() / "pretrained" / paths.check_name(name)
 
 
 def available_datasets() -> list[str]:
@@ -273,5 +275,5 @@ def bpr_crop(out: Path) -> list[int]:
 def load_bpr(out: Path, device: torch.device | str = "cpu") -> BodyPartRegressor:
     ckpt = _bpr_checkpoint(out, device)
     model = BodyPartRegressor(width=int(ckpt["config"]["extra"]["width"]))
-    model.load_state_dict(ckpt["model"])
+    load_state_checked(model, ckpt["model"], out / "bpr", "diffprobe pretrain")
     return model.to(device).eval()

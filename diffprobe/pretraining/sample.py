@@ -18,7 +18,7 @@ from diffprobe.models import DiffusionUNet
 from diffprobe.plan_and_preprocess import preprocessed_cases
 from diffprobe.pretraining import data as pdata
 from diffprobe.pretraining.pretrain import build_denoiser, model_dir, with_bpr_maps
-from diffprobe.training.checkpoint import load_checkpoint
+from diffprobe.training.checkpoint import load_checkpoint, load_state_checked
 from diffprobe.utils import read_json, save_figure
 
 
@@ -31,7 +31,8 @@ def load_denoiser(name: str, device: str | torch.device = "cpu", use_ema: bool =
     meta = read_json(meta_path)
     ckpt = load_checkpoint(out / "diffusion" / "checkpoint_final.pt", device)
     model = build_denoiser(meta["preset"], meta["plans"], meta["guidance"], meta["attention"])
-    model.load_state_dict(ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"])
+    load_state_checked(model, ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"],
+                       out / "diffusion" / "checkpoint_final.pt", "diffprobe pretrain")
     return model.to(device).eval(), meta
 
 

@@ -29,7 +29,13 @@ from torch import nn
 from diffprobe.errors import DiffprobeError
 from diffprobe.parallel import progress_bar
 from diffprobe.training import distributed as dist_utils
-from diffprobe.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from diffprobe.training.checkpoint import (
+    load_checkpoint,
+    load_state_checked,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from diffprobe.utils import atomic_path, save_figure
 
 LOG_FILENAME = "training_log.jsonl"
@@ -145,9 +151,10 @@ class Trainer:
         if not path.is_file():
             return False
         ckpt = load_checkpoint(path, self.device)
-        self.model.load_state_dict(ckpt["model"])
+        # checked: a checkpoint_latest.pt of another network is one clear message, not PyTorch's key list
+        load_state_checked(self.model, ckpt["model"], path, "the same command without --c")
         if self.ema and ckpt.get("ema") is not None:
-            self.ema.model.load_state_dict(ckpt["ema"])
+            load_state_checked(self.ema.model, ckpt["ema"], path, "the same command without --c")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
