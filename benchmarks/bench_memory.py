@@ -3,6 +3,12 @@
 Usage:
     python benchmarks/bench_memory.py [--volume ct600] [--step-size 1.0] [--threads 2]
         [--workdir /tmp/diffprobe_bench_predict] [--code OTHER_CHECKOUT ...]
+    python benchmarks/bench_memory.py --preprocess-np 1 2 4 [--pp-cases 4] [--pp-fov 400]
+
+``--preprocess-np``: instead, ``plan_and_preprocess --clean`` of ``--pp-cases`` large phantoms
+(fov ``--pp-fov`` mm, ~500 voxels in-plane) with each worker count; peak RAM as summed RSS and
+as summed PSS (forked workers share the parent's pages; PSS counts them once). Without
+multiplication, RAM grows by about one case's working set per extra worker.
 
 Reuses bench_predict.py's set-up (phantom dataset 902, a tiny pretrained model and probe, the
 volumes; generated once in the work dir: ct600 = 512x512x600 at 0.8x0.8x1.5 mm takes ~3 min and
@@ -44,7 +50,13 @@ def main() -> None:
     ap.add_argument("--fov_mm", type=float, default=110.0)
     ap.add_argument("--pretrain-steps", type=int, default=5)
     ap.add_argument("--probe-steps", type=int, default=5)
+    ap.add_argument("--preprocess-np", type=int, nargs="+", default=None)
+    ap.add_argument("--pp-cases", type=int, default=4)
+    ap.add_argument("--pp-fov", type=float, default=400.0)
     args = ap.parse_args()
+    if args.preprocess_np:
+        preprocess_scaling(args)
+        return
     env = roots_env(args.workdir, args.threads)
     config = ensure_models(args, env)["diffprobe"]["configuration"]
     folder, info = ensure_volume(args.volume, args.workdir)
@@ -73,6 +85,33 @@ def main() -> None:
     for code, m in rows:
         print(f"| {code} | {m.returncode} | {m.seconds:.0f} | {m.peak_rss_gb:.2f} | {bound.total_gb:.2f} "
               f"| {m.peak_rss_gb / bound.total_gb:.2f} |")
+
+
+def preprocess_scaling(args: argparse.Namespace) -> None:
+    """Peak RAM of plan_and_preprocess per worker count, on the same large phantoms."""
+    from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
+
+    work = args.workdir / "preprocess_np"
+    raw = work / "raw" / "Dataset903_LargePhantoms"
+    if not (raw / "dataset.json").is_file():
+        print(f"making {args.pp_cases} phantoms at fov {args.pp_fov} mm in {raw}", flush=True)
+        make_phantom_dataset(raw, PhantomConfig(num_train_labelled=args.pp_cases, num_train_unlabelled=0,
+                                                num_test=0, fov_mm=args.pp_fov))
+    env = dict(os.environ, DIFFPROBE_RAW=str(work / "raw"), DIFFPROBE_PREPROCESSED=str(work / "pre"),
+               DIFFPROBE_RESULTS=str(work / "results"), OMP_NUM_THREADS="1")
+    rows = []
+    for n in args.preprocess_np:
+        cmd = [sys.executable, "-m", "diffprobe", "plan_and_preprocess", "-d", "903", "-np", str(n), "--clean"]
+        m = run_measured(cmd, env=env, pss=True)
+        print(f"-np {n}: {m.seconds:.1f} s, RSS {m.peak_rss_gb:.2f} GB, PSS {m.peak_pss_gb:.2f} GB", flush=True)
+        rows.append((n, m))
+    one = rows[0][1]
+    print(f"\nplan_and_preprocess --clean, {args.pp_cases} phantoms at fov {args.pp_fov} mm")
+    print("| -np | exit | seconds | peak RSS GB (summed) | peak PSS GB (summed) | PSS / first row's | workers ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for n, m in rows:
+        print(f"| {n} | {m.returncode} | {m.seconds:.1f} | {m.peak_rss_gb:.2f} | {m.peak_pss_gb:.2f} | "
+              f"{m.peak_pss_gb / one.peak_pss_gb:.2f} | {n / rows[0][0]:.0f} |")
 
 
 if __name__ == "__main__":
