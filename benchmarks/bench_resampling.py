@@ -7,9 +7,9 @@ The two resamplings a CT prediction does, on a synthetic volume of ``--shape`` (
     image    the raw float32 CT -> the planned grid (order 3 in-plane, nearest along z)
     labels   the uint8 label map on the planned grid -> back to the raw grid (order 1 one-hot in-plane)
 Each (operation, implementation) runs in its own subprocess; peak RAM is the process's VmHWM
-minus its RSS just before the call (so the input array and imports are not counted), i.e. what
-the resampling itself allocates. Both implementations are also checked to give identical arrays
-(a hash of the output is printed per run). Prints a table last.
+(reset just before the call) minus its RSS then (so the input array and imports are not
+counted), i.e. what the resampling itself allocates, its output included. Both implementations
+are also checked to give identical arrays (a hash of the output is printed per run). Prints a table last.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ if args["op"] == "image":
 else:
     data = rng.integers(0, 7, size=(1, *grid)).astype(np.uint8)
     src, dst, new_shape, is_seg, order = target, spacing, raw, True, 1
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM: the input's float64 temporaries do not count
 base = rss("VmRSS:")
 t0 = time.perf_counter()
 if args["impl"] == "nnU-Net":
