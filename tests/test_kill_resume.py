@@ -272,9 +272,6 @@ def _require_real_stops(outcomes, points: list[KillPoint]) -> None:
     assert sum(o.real_stops for o in outcomes) >= 0.75 * len(points), "\n".join(o.describe() for o in outcomes)
 
 
-@pytest.mark.xfail(strict=True, reason="cli/app.py: typer >= 0.2x turns a KeyboardInterrupt inside a command into "
-                                       "Exit(130) and returns 130 in non-standalone mode, so main()'s "
-                                       "'interrupted: ...' message is never printed (Ctrl-C exits 130 silently)")
 def test_ctrl_c_prints_the_one_line_message(lab):
     """Runs after the pretrain/train tests (file order) and reads their Ctrl-C attempts."""
     from kill_harness import INTERRUPT_MESSAGE

@@ -62,22 +62,27 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
     return out
 
 
+INTERRUPTED = "[yellow]interrupted[/]: finished outputs are kept; rerun the same command to continue"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (and exits with it)."""
-    from diffprobe.cli import (  # noqa: F401  (registers commands)
-        ablate_commands,
-        data_commands,
-        demo_commands,
-        evaluate_commands,
-        pretrain_commands,
-        probe_commands,
-    )
-
     args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
     code = 0
     try:
+        from diffprobe.cli import (  # noqa: F401  (registers commands; inside try: Ctrl-C while importing)
+            ablate_commands,
+            data_commands,
+            demo_commands,
+            evaluate_commands,
+            pretrain_commands,
+            probe_commands,
+        )
+
         result = app(args, standalone_mode=False, prog_name="diffprobe")
         code = result if isinstance(result, int) else 0
+        if code == 130:  # typer turns a KeyboardInterrupt inside a command into exit code 130, silently
+            console.print(INTERRUPTED)
     except DiffprobeError as e:
         # escape: the message is text, not markup ("need [low, high]" must not be eaten as a tag)
         console.print(f"[bold red]error:[/] {escape(e.format())}", highlight=False, markup=True, soft_wrap=True)
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         e.show()
         code = e.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        console.print("[yellow]interrupted[/]: finished outputs are kept; rerun the same command to continue")
+        console.print(INTERRUPTED)
         code = 130
     if argv is None:
         sys.exit(code)
