@@ -96,6 +96,8 @@ def _plan_and_preprocess_locked(raw_dir: Path, info: DatasetInfo, out: Path, num
                                 show_progress: bool) -> PreprocessReport:
     cases, _ = list_cases(info, "train")
     report = PreprocessReport(out, out / PLANS_FILENAME)
+    for leftover in out.glob(".*.tmp*"):  # of a killed run's atomic writes; safe: we hold the folder's lock
+        leftover.unlink(missing_ok=True)
 
     fp_path = out / FINGERPRINT_FILENAME
     signature = raw_files_signature(info, cases)

@@ -102,3 +102,15 @@ def test_two_simultaneous_plan_and_preprocess_runs(roots) -> None:
     shutil.rmtree(roots["preprocessed"] / "Dataset005_Tiny")
     assert main(["plan_and_preprocess", "-d", "5", "-np", "1"]) == 0
     assert {p.name: p.read_bytes() for p in (out / "data").iterdir()} == got
+
+
+def test_rerun_removes_leftover_temp_files_of_a_killed_run(roots) -> None:
+    """Under the lock no other run can be writing, so temporary files of killed writes are removed."""
+    make_raw_dataset(roots["raw"])
+    assert main(["plan_and_preprocess", "-d", "5", "-np", "1"]) == 0
+    out = roots["preprocessed"] / "Dataset005_Tiny" / "diffprobe"
+    leftovers = [out / ".plans.json.k1ll3d.tmp.json", out / ".dataset_fingerprint.json.x.tmp.json"]
+    for f in leftovers:
+        f.write_text("{half")
+    assert main(["plan_and_preprocess", "-d", "5", "-np", "1"]) == 0
+    assert not any(f.exists() for f in leftovers)

@@ -226,7 +226,7 @@ def _refuse_if_too_large(case: Case, fold_dir: Path, num_probes: int, save_proba
     if have is not None and need.total_bytes > have:
         raise DiffprobeError(
             f"predicting this image needs about {need.total_gb:.1f} GB of RAM ({need.describe()}; "
-            f"{need.raw_voxels / 1e6:.0f} M voxels), but only {have / 1e9:.1f} GB are available",
+            f"{need.raw_voxels / 1e6:.1f} M voxels), but only {have / 1e9:.1f} GB are available",
             case.images[0], "free memory or run on a machine with more RAM; drop --save_probabilities or "
             "ensemble fewer folds (-f) to lower the need; if a cluster job's limit is misread, set "
             "DIFFPROBE_MEMORY_LIMIT_GB")
