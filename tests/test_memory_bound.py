@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -97,3 +98,42 @@ def test_measured_peak_stays_under_the_bound(use_trained_probe_roots, tmp_path) 
     assert bound.raw_voxels == int(np.prod(shape))
     assert measured["peak"] - measured["base"] <= data_part, (measured, bound.describe())
     assert (tmp_path / "out_big" / "big.nii.gz").is_file()
+
+
+def _peak_pss(cmd: list[str], env: dict[str, str]) -> float:
+    """Peak of the PSS summed over ``cmd``'s process tree (pages forked workers share count once)."""
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += p.memory_full_info().pss
+        peak = max(peak, total)
+        time.sleep(0.05)
+    assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    return peak
+
+
+def test_preprocessing_workers_do_not_multiply_ram(roots) -> None:
+    """-np 2 holds about one case per worker: its peak PSS stays below twice the -np 1 peak
+    (which already includes the interpreter and imports once)."""
+    psutil = pytest.importorskip("psutil")
+    if not hasattr(psutil.Process().memory_full_info(), "pss"):
+        pytest.skip("PSS needs Linux smaps")
+    from conftest import make_raw_dataset
+
+    make_raw_dataset(roots["raw"], n_labelled=4, n_unlabelled=0, shape=(100, 256, 256), spacing=(0.8, 0.8, 2.0))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "diffprobe", "plan_and_preprocess", "-d", "5", "--clean"]
+    one = _peak_pss([*base, "-np", "1"], env)
+    two = _peak_pss([*base, "-np", "2"], env)
+    assert two < 2 * one, (one / 1e9, two / 1e9)
