@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,51 @@ def use_trained_probe_roots(trained_probe_roots, monkeypatch):
     torch.set_num_threads(1)
     yield trained_probe_roots
     torch.set_num_threads(old_threads)
+
+
+DICOM_UID = "1.2.826.0.1.3680043.8.498.7391"
+
+
+def write_dicom_series(array: np.ndarray, folder: Path, spacing=(1.0, 1.0, 2.5), origin=(0.0, 0.0, 0.0),
+                       series_uid: str | None = None, file_name=None) -> list[Path]:
+    """One CT series, one int16 file per axial slice (SimpleITK's DicomSeriesFromArray recipe).
+
+    ``spacing``/``origin`` in x, y, z. ``file_name(k, n)`` names slice k's file; by default
+    ``IM{(7k) % n:04d}``: no extension and an order unrelated to the slice order, like many
+    scanners (the reader must sort by position). GDCM's writer leaves the process locale at "C"
+    (ASCII), which breaks later tests decoding UTF-8 subprocess output: the locale is restored.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_slices(array, Path(folder), spacing, origin, series_uid or f"{DICOM_UID}.2",
+                                   file_name or (lambda k, n: f"IM{(7 * k) % n:04d}"))
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(array, folder: Path, spacing, origin, series_uid: str, file_name) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray(array.astype(np.int16))
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetOrigin([float(o) for o in origin])
+    series = [("0008|0060", "CT"), ("0008|0008", "ORIGINAL\\PRIMARY\\AXIAL"), ("0010|0010", "Phantom^Test"),
+              ("0010|0020", "PHANTOM1"), ("0020|000d", f"{DICOM_UID}.1"), ("0020|000e", series_uid),
+              ("0020|0052", f"{DICOM_UID}.3"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+              ("0028|0030", f"{spacing[1]:g}\\{spacing[0]:g}"), ("0018|0050", f"{spacing[2]:g}"),
+              ("0028|1052", "0"), ("0028|1053", "1"), ("0008|103e", "diffprobe test series")]
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")  # the default file names have no extension to infer it from
+    writer.KeepOriginalImageUIDOn()
+    n = array.shape[0]
+    files = []
+    for k in range(n):
+        sl = img[:, :, k]
+        for tag, value in series:
+            sl.SetMetaData(tag, value)
+        sl.SetMetaData("0020|0032", "\\".join(f"{p:g}" for p in img.TransformIndexToPhysicalPoint((0, 0, k))))
+        sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0008|0018", f"{series_uid}.4.{k + 1}")
+        files.append(folder / file_name(k, n))
+        writer.SetFileName(str(files[-1]))
+        writer.Execute(sl)
+    return files

@@ -11,7 +11,6 @@ import errno
 import gzip
 import hashlib
 import json
-import locale
 import os
 import shutil
 import tempfile
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import body_volume, make_raw_dataset, write_sitk
+from conftest import body_volume, make_raw_dataset, write_dicom_series, write_sitk
 
 from diffprobe.cli.app import main
 from diffprobe.paths import roots_at
@@ -433,40 +432,10 @@ def probe_image(probe: Roots) -> Path:
 PREDICT = ["-d", "1", "-c", "tiny__fpn", "-f", "all", "-device", "cpu"]
 
 
-def write_dicom(array: np.ndarray, folder: Path, series_uid: str, spacing=(1.0, 1.0, 2.5)) -> list[Path]:
-    """One CT series, one file per axial slice (SimpleITK's DicomSeriesFromArray recipe).
-
-    GDCM's writer leaves the process locale at "C" (ASCII), which breaks later tests decoding
-    UTF-8 output with the locale encoding; the locale is restored.
-    """
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
-        return _write_dicom(array, folder, series_uid, spacing)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
-def _write_dicom(array: np.ndarray, folder: Path, series_uid: str, spacing: tuple[float, ...]) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    img = sitk.GetImageFromArray(array.astype(np.int16))
-    img.SetSpacing(spacing)
-    uid = "1.2.826.0.1.3680043.8.498.7391"
-    tags = [("0008|0060", "CT"), ("0010|0020", "PHANTOM1"), ("0020|000d", f"{uid}.1"),
-            ("0020|000e", series_uid), ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|1052", "0"), ("0028|1053", "1")]
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    files = []
-    for k in range(array.shape[0]):
-        sl = img[:, :, k]
-        for tag, value in tags:
-            sl.SetMetaData(tag, value)
-        sl.SetMetaData("0020|0032", "\\".join(f"{p:g}" for p in img.TransformIndexToPhysicalPoint((0, 0, k))))
-        sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
-        files.append(folder / f"{series_uid[-1]}_{k:03d}.dcm")
-        writer.SetFileName(str(files[-1]))
-        writer.Execute(sl)
-    return files
+def write_dicom(array: np.ndarray, folder: Path, series_uid: str) -> list[Path]:
+    """One series per call; two calls with other UIDs put two series in one folder."""
+    return write_dicom_series(array, folder, series_uid=series_uid,
+                              file_name=lambda k, n: f"{series_uid[-1]}_{k:03d}.dcm")
 
 
 def test_dicom_two_series(probe: Roots, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:

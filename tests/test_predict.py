@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import SHARED_REAL_CT, body_volume, write_sitk
+from conftest import SHARED_REAL_CT, body_volume, write_dicom_series, write_sitk
 
 from diffprobe.cli.app import main
 from diffprobe.errors import DiffprobeError
@@ -217,40 +217,11 @@ def test_detached_header_input_gives_single_file_output(use_trained_probe_roots,
     assert_same_geometry(out / "other.nrrd", nhdr)
 
 
-def write_dicom_series(array: np.ndarray, folder: Path, spacing, origin) -> Path:
-    """One CT series, one int16 file per axial slice (SimpleITK's DicomSeriesFromArray recipe).
-
-    Files are named in an order unrelated to the slice order (the reader must sort by position)."""
-    folder.mkdir(parents=True)
-    img = sitk.GetImageFromArray(array.astype(np.int16))
-    img.SetSpacing([float(s) for s in spacing])
-    img.SetOrigin([float(o) for o in origin])
-    uid = "1.2.826.0.1.3680043.8.498.7391"
-    series = [("0008|0060", "CT"), ("0008|0008", "ORIGINAL\\PRIMARY\\AXIAL"), ("0010|0010", "Phantom^Test"),
-              ("0010|0020", "PHANTOM1"), ("0020|000d", f"{uid}.1"), ("0020|000e", f"{uid}.2"),
-              ("0020|0052", f"{uid}.3"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
-              ("0028|0030", f"{spacing[1]:g}\\{spacing[0]:g}"), ("0018|0050", f"{spacing[2]:g}"),
-              ("0028|1052", "0"), ("0028|1053", "1"), ("0008|103e", "diffprobe test series")]
-    writer = sitk.ImageFileWriter()
-    writer.SetImageIO("GDCMImageIO")  # the file names have no extension to infer it from
-    writer.KeepOriginalImageUIDOn()
-    n = array.shape[0]
-    for k in range(n):
-        sl = img[:, :, k]
-        for tag, value in series:
-            sl.SetMetaData(tag, value)
-        sl.SetMetaData("0020|0032", "\\".join(f"{p:g}" for p in img.TransformIndexToPhysicalPoint((0, 0, k))))
-        sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0008|0018", f"{uid}.4.{k + 1}")
-        writer.SetFileName(str(folder / f"IM{(7 * k) % n:04d}"))  # no extension, like many scanners
-        writer.Execute(sl)
-    return folder
-
-
 def test_dicom_series_folder_equals_nifti(use_trained_probe_roots, tmp_path, monkeypatch):
     img, _ = body_volume(SHAPE, seed=6)
     spacing, origin = (0.75, 0.75, 2.5), (-30.5, -12.25, 100.0)
-    dicom = write_dicom_series(img, tmp_path / "dicom_in" / "scan", spacing, origin)
+    dicom = tmp_path / "dicom_in" / "scan"
+    write_dicom_series(img, dicom, spacing, origin)
     nifti = write_sitk(img, tmp_path / "nifti_in" / "scan_0000.nii.gz", spacing, origin)
     series = read_image(dicom)
     assert series.geometry == geometry_of(sitk.ReadImage(str(nifti)))
