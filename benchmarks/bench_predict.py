@@ -8,6 +8,7 @@ Volumes (one case each, written as .nii.gz, cached in the work dir):
     phantom  the test case of the benchmark's phantom dataset (default phantom size)
     ct256    256x256x128 voxels at 1.5x1.5x3 mm     (a scaled-up synthetic phantom, body in air)
     ct512    512x512x300 voxels at 0.8x0.8x1.5 mm   (CT-sized; generating it once takes ~1-2 min, ~7 GB RAM)
+    ct600    512x512x600 voxels at 0.8x0.8x1.5 mm   (bench_memory.py's RAM-bound volume; ~3 min, ~13 GB to generate)
 
 Set-up (reused when already in the work dir; delete it after changing --cases or --fov_mm): a
 small labelled phantom dataset (Dataset902) in one raw root shared by both tools; diffprobe:
