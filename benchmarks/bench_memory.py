@@ -63,9 +63,10 @@ def main() -> None:
 
     from diffprobe.predict.memory import estimate_for_input
     from diffprobe.probe.model import probe_dir
+    from diffprobe.utils import read_json
 
     os.environ.update({k: v for k, v in env.items() if k.startswith("DIFFPROBE_")})
-    bound = estimate_for_input(next(folder.iterdir()), probe_dir(DATASET_ID, config, FOLD))
+    bound = estimate_for_input(next(folder.iterdir()), read_json(probe_dir(DATASET_ID, config, FOLD) / "probe.json"))
     print(f"{args.volume}: {info}; documented bound {bound.total_gb:.2f} GB ({bound.describe()})", flush=True)
     here = Path(__file__).resolve().parents[1]
     rows = []

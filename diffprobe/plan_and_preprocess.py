@@ -34,7 +34,7 @@ from diffprobe.planning.plans import (
 )
 from diffprobe.preprocessing.preprocess import preprocess_case, preprocessing_hash
 from diffprobe.preprocessing.storage import is_finished, save_case
-from diffprobe.utils import atomic_path, read_json, write_json
+from diffprobe.utils import atomic_path, read_json, remove_interrupted_writes, write_json
 
 FINGERPRINT_FILENAME = "dataset_fingerprint.json"
 
@@ -96,8 +96,7 @@ def _plan_and_preprocess_locked(raw_dir: Path, info: DatasetInfo, out: Path, num
                                 show_progress: bool) -> PreprocessReport:
     cases, _ = list_cases(info, "train")
     report = PreprocessReport(out, out / PLANS_FILENAME)
-    for leftover in out.glob(".*.tmp*"):  # of a killed run's atomic writes; safe: we hold the folder's lock
-        leftover.unlink(missing_ok=True)
+    remove_interrupted_writes(out)  # of a killed run; safe: we hold the folder's lock
 
     fp_path = out / FINGERPRINT_FILENAME
     signature = raw_files_signature(info, cases)
@@ -141,10 +140,8 @@ def _plan_and_preprocess_locked(raw_dir: Path, info: DatasetInfo, out: Path, num
 
 def _remove_stale(data_dir: Path, identifiers: set[str]) -> None:
     """Delete leftovers of interrupted writes and of cases no longer in the raw dataset."""
+    remove_interrupted_writes(data_dir)
     for f in data_dir.iterdir():
-        if f.name.startswith(".") and ".tmp" in f.name:
-            f.unlink(missing_ok=True)
-            continue
         stem = next((f.name[: -len(s)] for s in ("_seg.b2nd", ".b2nd", ".json") if f.name.endswith(s)), None)
         if stem is not None and stem not in identifiers:
             f.unlink(missing_ok=True)

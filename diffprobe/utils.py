@@ -46,6 +46,26 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def is_interrupted_write(path: Path) -> bool:
+    """Whether ``path`` is a temporary file of :func:`atomic_path` (``.<name>.<random>.tmp<suffix>``).
+
+    Such a file exists after a write was interrupted (kill, power loss); it is never trusted, since
+    only complete files are renamed into place, and may be deleted by whoever owns its folder.
+    """
+    return path.name.startswith(".") and ".tmp" in path.name
+
+
+def remove_interrupted_writes(folder: Path) -> None:
+    """Delete the temporary files of interrupted :func:`atomic_path` writes directly in ``folder``.
+
+    Only for a folder no other process is writing to at the same time (its owner holds a lock
+    or is the only writer), since a running writer's temporary file looks the same.
+    """
+    for f in folder.iterdir():
+        if f.is_file() and is_interrupted_write(f):
+            f.unlink(missing_ok=True)
+
+
 # Write failures the user fixes (disk, quota, permissions, a file where a folder should be),
 # not bugs: they become one message naming the file instead of a traceback.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,

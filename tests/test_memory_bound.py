@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -80,6 +79,7 @@ def test_measured_peak_stays_under_the_bound(use_trained_probe_roots, tmp_path) 
         pytest.skip("needs Linux /proc for the process's peak RSS")
     from diffprobe.predict.memory import estimate_for_input
     from diffprobe.probe.model import probe_dir
+    from diffprobe.utils import read_json
 
     shape, spacing = (96, 192, 208), (0.9, 0.9, 1.5)  # z, y, x  /  x, y, z (SimpleITK order)
     img, _ = body_volume(shape)
@@ -93,7 +93,7 @@ def test_measured_peak_stays_under_the_bound(use_trained_probe_roots, tmp_path) 
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
-    bound = estimate_for_input(big, probe_dir(1, "tiny__fpn", "all"))
+    bound = estimate_for_input(big, read_json(probe_dir(1, "tiny__fpn", "all") / "probe.json"))
     data_part = bound.total_bytes - FIXED_BYTES
     assert bound.raw_voxels == int(np.prod(shape))
     assert measured["peak"] - measured["base"] <= data_part, (measured, bound.describe())
@@ -101,26 +101,13 @@ def test_measured_peak_stays_under_the_bound(use_trained_probe_roots, tmp_path) 
 
 
 def _peak_pss(cmd: list[str], env: dict[str, str]) -> float:
-    """Peak of the PSS summed over ``cmd``'s process tree (pages forked workers share count once)."""
-    import time
+    """Peak PSS (GB) summed over ``cmd``'s process tree, by the benchmarks' own sampler."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _measure import run_measured
 
-    import psutil
-
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        total = 0
-        try:
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            break
-        for p in tree:
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                total += p.memory_full_info().pss
-        peak = max(peak, total)
-        time.sleep(0.05)
-    assert proc.wait() == 0, proc.stderr.read()[-2000:]
-    return peak
+    m = run_measured(cmd, env=env, pss=True)
+    assert m.returncode == 0, m.output_tail
+    return m.peak_pss_gb
 
 
 def test_preprocessing_workers_do_not_multiply_ram(roots) -> None:
@@ -136,4 +123,4 @@ def test_preprocessing_workers_do_not_multiply_ram(roots) -> None:
     base = [sys.executable, "-m", "diffprobe", "plan_and_preprocess", "-d", "5", "--clean"]
     one = _peak_pss([*base, "-np", "1"], env)
     two = _peak_pss([*base, "-np", "2"], env)
-    assert two < 2 * one, (one / 1e9, two / 1e9)
+    assert two < 2 * one, (one, two)

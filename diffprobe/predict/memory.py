@@ -101,12 +101,9 @@ def image_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     return tuple(reader.GetSize()), tuple(reader.GetSpacing())
 
 
-def estimate_for_input(image: Path, fold_dir: Path, num_probes: int = 1,
+def estimate_for_input(image: Path, meta: dict, num_probes: int = 1,
                        save_probabilities: bool = False) -> MemoryEstimate:
-    """The bound for predicting ``image`` with the probe in ``fold_dir`` (reads headers only)."""
-    from diffprobe.utils import read_json
-
-    meta = read_json(Path(fold_dir) / "probe.json")
+    """The bound for predicting ``image`` (its header only is read) with a probe whose probe.json is ``meta``."""
     size_xyz, spacing_xyz = image_header(image)
     target_xyz = tuple(reversed(meta["plans"]["preprocessing"]["target_spacing"]))
     return estimate_predict_bytes(size_xyz[:3], spacing_xyz[:3], target_xyz, int(meta["num_classes"]),
@@ -118,14 +115,14 @@ def network_working_bytes(meta: dict, tiles_per_batch: int = 2) -> float:
     """Upper bound on the denoiser's memory for one batch: tiles x timesteps samples, each at the
     planner's training-activation estimate for the pretrained model's levels (its preset's, from
     model.json; the plans' network when that file is not found)."""
-    from diffprobe import paths
     from diffprobe.planning.planner import estimate_memory_gb
+    from diffprobe.pretraining.pretrain import model_dir
     from diffprobe.utils import read_json
 
     network = meta["plans"]["network"]
     levels, blocks = network["levels"], network["blocks_per_level"]
-    model_json = paths.results_root() / "pretrained" / str(meta.get("pretrained", "")) / "model.json"
-    if meta.get("pretrained") and model_json.is_file():
+    model_json = model_dir(meta["pretrained"]) / "model.json" if meta.get("pretrained") else None
+    if model_json is not None and model_json.is_file():
         preset = read_json(model_json).get("preset", {})
         levels, blocks = preset.get("levels", levels), preset.get("blocks_per_level", blocks)
     samples = tiles_per_batch * max(1, len(meta.get("timesteps", [1])))

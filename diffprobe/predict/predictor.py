@@ -212,14 +212,14 @@ def predict_case(probes: list[TrainedProbe], case: Case, out_path: Path, device:
     return out_path
 
 
-def _refuse_if_too_large(case: Case, fold_dir: Path, num_probes: int, save_probabilities: bool) -> None:
+def _refuse_if_too_large(case: Case, meta: dict, num_probes: int, save_probabilities: bool) -> None:
     """Refuse, before reading the pixels, a case whose RAM bound exceeds what the OS can give.
 
     Being OOM-killed half-way through a long ensemble is the worst outcome on a shared node:
     no message, nothing written. Unreadable headers are left to the integrity check's message.
     """
     try:
-        need = estimate_for_input(case.images[0], fold_dir, num_probes, save_probabilities)
+        need = estimate_for_input(case.images[0], meta, num_probes, save_probabilities)
     except Exception:  # noqa: BLE001 - corrupt or unsupported header: check_case reports it properly
         return
     have = available_bytes()
@@ -263,7 +263,7 @@ def predict(inputs: str | Path, output: str | Path, dataset: str | int | None = 
                 written.append(out_path)
                 bar.advance(task)
                 continue
-            _refuse_if_too_large(case, fold_dirs[0], len(probes), save_probabilities)
+            _refuse_if_too_large(case, probes[0].meta, len(probes), save_probabilities)
             bar.update(task, description=f"predict {case.identifier}")
             tiles = bar.add_task(f"  tiles of {case.identifier}", total=None, visible=show_progress)
 

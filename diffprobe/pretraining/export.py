@@ -78,7 +78,6 @@ def install_model(archive: str | Path, name: str | None = None, force: bool = Fa
             except (ValueError, AttributeError):
                 archive_name = None
             name = paths.check_name(archive_name, "the archive's model name", archive)
-        final_name = name
         tmp = Path(tempfile.mkdtemp(prefix=".install_", dir=root))
         try:
             for info in infos:
@@ -106,7 +105,7 @@ def install_model(archive: str | Path, name: str | None = None, force: bool = Fa
                 raise DiffprobeError(f"model format {meta.get('format')!r} is not supported by this version "
                                      f"(it reads format {MODEL_FORMAT})", archive,
                                      "export the model with the same diffprobe version, or pretrain it again")
-            final = root / final_name
+            final = root / name
             if final.exists():
                 if not force:
                     raise DiffprobeError(f"a model named '{final.name}' is already installed", final,

@@ -36,7 +36,7 @@ from diffprobe.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from diffprobe.utils import atomic_path, save_figure
+from diffprobe.utils import atomic_path, remove_interrupted_writes, save_figure
 
 LOG_FILENAME = "training_log.jsonl"
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]]
@@ -183,9 +183,7 @@ class Trainer:
         after its last checkpoint, which the resumed run logs again: the temporary files are
         removed and ``training_log.jsonl`` is rewritten from the resumed history.
         """
-        for f in self.out_dir.iterdir():
-            if f.is_file() and f.name.startswith(".") and ".tmp" in f.name:
-                f.unlink(missing_ok=True)
+        remove_interrupted_writes(self.out_dir)
         log = self.out_dir / LOG_FILENAME
         if self.history:
             with atomic_path(log, ".jsonl") as tmp:
