@@ -56,10 +56,21 @@ def predict_cmd(
     continue_prediction: bool = typer.Option(False, "--continue_prediction", help="skip cases already written"),
     num_parts: int = typer.Option(1, "-num_parts", "--num_parts", help="split the cases into this many parts"),
     part_id: int = typer.Option(0, "-part_id", "--part_id", help="which part this process predicts"),
+    precision: str = typer.Option("auto", "-precision", "--precision",
+                                  help="auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16"),
+    tile_batch: int = typer.Option(2, "-tile_batch", "--tile_batch", help="tiles per forward of the network"),
+    channels_last: bool = typer.Option(True, "--channels_last/--no_channels_last",
+                                       help="channels_last_3d memory format (faster convolutions)"),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the network (long GPU runs)"),
+    sequential: bool = typer.Option(False, "--sequential",
+                                    help="no overlap of reading/writing cases with the sliding window"),
 ) -> None:
     """Segment CT images with a trained probe; outputs keep each input's exact geometry."""
+    from diffprobe.predict.acceleration import InferenceSettings
     from diffprobe.predict.predictor import predict
 
+    settings = InferenceSettings(channels_last=channels_last, precision=precision, compile=compile_model,
+                                 tile_batch=tile_batch, pipeline=not sequential)
     written = predict(inputs, output, dataset, configuration, folds, device, step_size, tta, save_probabilities,
-                      continue_prediction, num_parts, part_id)
+                      continue_prediction, num_parts, part_id, settings=settings)
     console.print(f"[green]wrote[/] {len(written)} segmentation(s) to {output}", highlight=False)
