@@ -323,8 +323,9 @@ def predict(inputs: str | Path, output: str | Path, dataset: str | int | None = 
                     export_case(probes, result, out_path, case_timings)
                 del result
                 written.append(out_path)
-                if timings is not None:
-                    timings.append({"case": case.identifier, **case_timings})
+                if timings is not None:  # the dict itself: the writer thread adds export_s to it later
+                    case_timings["case"] = case.identifier  # type: ignore[assignment]
+                    timings.append(case_timings)
                 bar.advance(task)
             _finish(last_write)
             last_write = None
