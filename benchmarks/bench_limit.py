@@ -115,7 +115,7 @@ def main() -> None:
             g = torch.rand((batch, 3, *cfg["patch_size"]), device=dev).contiguous(memory_format=fmt)
             t = torch.tensor(timesteps * args.tiles, device=dev)
             for name in args.dtypes:
-                def forward(x=x, g=g, t=t, name=name) -> None:
+                def forward(x=x, g=g, t=t, name=name, denoiser=denoiser) -> None:
                     with torch.no_grad(), torch.autocast(torch.device(dev).type, dtype=DTYPES[name],
                                                          enabled=name != "fp32"):
                         denoiser(x, t, g)

@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/bench_pretrain.py [--presets tiny paper] [--steps 5] [--device cpu]
+        [--formats contiguous channels_last]   # memory formats of the step, side by side
         [--dataset 1]   # a preprocessed dataset (default: generate small phantoms in a temp root)
 
 For each preset, in one run: (1) patches/s of the diffusion training step on a batch held in
@@ -59,6 +60,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dataset", default=None)
+    ap.add_argument("--formats", nargs="+", choices=["contiguous", "channels_last"], default=["contiguous"],
+                    help="memory formats of the training step, timed side by side (loader timed once)")
     args = ap.parse_args()
     dataset = ensure_dataset(args.dataset)
 
@@ -74,34 +77,12 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     peak = matmul_peak(args.device, dtype)
     rows = []
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last_3d}
     for preset in args.presets:
         cfg = resolve_preset(plans, preset)
-        model = build_denoiser(cfg, plans, "physical", "planned").to(args.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         diffusion = GaussianDiffusion.from_plans(plans)
         source = pdata.PatchBatches(refs, cfg["patch_size"], cfg["batch_size"], "physical", True, 0)
         batch = source.batch(0)
-        x0, guide = batch["image"].to(args.device), batch["guidance"].to(args.device)
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-
-        def step(model=model, opt=opt, diffusion=diffusion, x0=x0, guide=guide) -> None:
-            t = torch.randint(0, 1000, (x0.shape[0],), device=args.device)
-            with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                loss = diffusion.training_loss(model, x0, guide, t, torch.randn_like(x0))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        step()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        step_s = (time.perf_counter() - t0) / args.steps
         it = pdata.loader(source, 1, cfg["num_workers"])
         next(it)
         t0 = time.perf_counter()
@@ -109,18 +90,46 @@ def main() -> None:
         for _ in range(n_load):
             next(it)
         load_s = (time.perf_counter() - t0) / n_load
-        flops = 3 * forward_flops(model, (cfg["batch_size"], 1, *cfg["patch_size"]))
-        mem = (torch.cuda.max_memory_allocated() / 1024**3 if args.device.startswith("cuda")
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2)
-        rows.append((preset, cfg["patch_size"], cfg["batch_size"], cfg["batch_size"] / step_s,
-                     cfg["batch_size"] / load_s, mem, flops / step_s / 1e12, flops / step_s / peak))
+        for fmt_name in args.formats:
+            fmt = formats[fmt_name]
+            torch.manual_seed(0)
+            model = build_denoiser(cfg, plans, "physical", "planned").to(args.device).to(memory_format=fmt)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            x0 = batch["image"].to(args.device).contiguous(memory_format=fmt)
+            guide = batch["guidance"].to(args.device).contiguous(memory_format=fmt)
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+
+            def step(model=model, opt=opt, diffusion=diffusion, x0=x0, guide=guide) -> None:
+                t = torch.randint(0, 1000, (x0.shape[0],), device=args.device)
+                with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16,
+                                    enabled=dtype == torch.bfloat16):
+                    loss = diffusion.training_loss(model, x0, guide, t, torch.randn_like(x0))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+            step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            step_s = (time.perf_counter() - t0) / args.steps
+            flops = 3 * forward_flops(model, (cfg["batch_size"], 1, *cfg["patch_size"]))
+            mem = (torch.cuda.max_memory_allocated() / 1024**3 if args.device.startswith("cuda")
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2)
+            rows.append((preset, fmt_name, cfg["patch_size"], cfg["batch_size"], cfg["batch_size"] / step_s,
+                         cfg["batch_size"] / load_s, mem, flops / step_s / 1e12, flops / step_s / peak))
     print(f"\ndevice {args.device}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
           f"matmul peak {peak / 1e12:.2f} TFLOP/s ({dtype})")
-    print(f"{'preset':<7} {'patch (z,y,x)':<15} {'batch':>5} {'step patches/s':>15} {'loader patches/s':>17} "
-          f"{'loader/step':>12} {'peak mem GB':>12} {'TFLOP/s':>8} {'of peak':>8}")
-    for p, patch, bs, sps, lps, mem, tf, frac in rows:
-        print(f"{p:<7} {'x'.join(map(str, patch)):<15} {bs:>5} {sps:>15.2f} {lps:>17.2f} {lps / sps:>12.1f} "
-              f"{mem:>12.2f} {tf:>8.3f} {frac:>8.1%}")
+    print(f"{'preset':<7} {'format':<14} {'patch (z,y,x)':<15} {'batch':>5} {'step patches/s':>15} "
+          f"{'loader patches/s':>17} {'loader/step':>12} {'peak mem GB':>12} {'TFLOP/s':>8} {'of peak':>8}")
+    for p, fmt_name, patch, bs, sps, lps, mem, tf, frac in rows:
+        print(f"{p:<7} {fmt_name:<14} {'x'.join(map(str, patch)):<15} {bs:>5} {sps:>15.2f} {lps:>17.2f} "
+              f"{lps / sps:>12.1f} {mem:>12.2f} {tf:>8.3f} {frac:>8.1%}")
 
 
 if __name__ == "__main__":

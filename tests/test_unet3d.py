@@ -277,3 +277,21 @@ def test_batch1_cpu_conv_matches_reference_with_gradients():
     ref_grads = torch.autograd.grad(ref.sum(), (x, conv.weight, conv.bias))
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_return_output_false_skips_only_the_output_head():
+    """Feature readers skip epsilon's full-resolution norm + conv; the features are unchanged."""
+    net = tiny()
+    perturb_zero_init(net)
+    x, t, g = inputs()
+    calls = []
+    net.out_conv.register_forward_hook(lambda *_: calls.append("out"))
+    with torch.no_grad():
+        _, feats = net(x, t, g, return_features=True)
+        assert calls == ["out"]
+        eps, same = net(x, t, g, return_features=True, return_output=False)
+    assert eps is None and calls == ["out"]
+    for name, feat in feats.items():
+        assert torch.equal(same[name], feat)
+    with pytest.raises(ValueError, match="return_features"):
+        net(x, t, g, return_output=False)

@@ -250,7 +250,7 @@ class DiffusionUNet(nn.Module):
         return torch.cat([x, guidance.to(x.dtype)], dim=1)
 
     def forward(self, x_noisy: Tensor, t: Tensor, guidance: Tensor | None = None,
-                return_features: bool = False, max_level: int | None = None
+                return_features: bool = False, max_level: int | None = None, return_output: bool = True
                 ) -> Tensor | tuple[Tensor | None, dict[str, Tensor]]:
         """Predict epsilon, optionally with the decoder feature taps.
 
@@ -262,6 +262,9 @@ class DiffusionUNet(nn.Module):
             max_level: run the decoder only down to level ``max_level`` (features
                 ``dec{max_level}`` .. ``dec{L-1}``); for ``max_level > 0`` epsilon is not computed and
                 ``None`` is returned in its place (needs ``return_features=True``).
+            return_output: with ``return_features=True``, ``False`` skips epsilon (``None`` in its
+                place): the full-resolution output norm and 3x3x3 convolution that a feature reader
+                (the probe) never uses.
 
         Returns:
             epsilon, or ``(epsilon | None, features)`` with ``return_features=True``.
@@ -269,8 +272,8 @@ class DiffusionUNet(nn.Module):
         stop = 0 if max_level is None else int(max_level)
         if not 0 <= stop < self.num_levels:
             raise ValueError(f"max_level must be in [0, {self.num_levels - 1}], got {max_level}")
-        if stop > 0 and not return_features:
-            raise ValueError("max_level > 0 skips the output; use return_features=True")
+        if (stop > 0 or not return_output) and not return_features:
+            raise ValueError("max_level > 0 and return_output=False skip the output; use return_features=True")
         h = self._check_inputs(x_noisy, guidance)
         if t.dim() == 0:
             t = t.expand(x_noisy.shape[0])
@@ -290,7 +293,7 @@ class DiffusionUNet(nn.Module):
             h = self.decoder[i](h, emb)
             features[f"dec{i}"] = h
 
-        eps = self.out_conv(F.silu(self.out_norm(h))) if stop == 0 else None
+        eps = self.out_conv(F.silu(self.out_norm(h))) if stop == 0 and return_output else None
         if return_features:
             return eps, features
         return eps

@@ -101,13 +101,14 @@ class FeatureExtractor(nn.Module):
             xt, t = self.noisy_inputs(x0, seeds)
             if batched:
                 g = guidance.repeat_interleave(tn, dim=0) if guidance is not None else None
-                _, feats = self.denoiser(xt, t, g, return_features=True, max_level=self.levels[0])
+                _, feats = self.denoiser(xt, t, g, return_features=True, max_level=self.levels[0],
+                                         return_output=False)
                 return {k: _merge_timesteps(feats[k], b, tn) for k in self.feature_channels}
             per_t: dict[str, list[Tensor]] = {k: [] for k in self.feature_channels}
             xt = xt.view(b, tn, *xt.shape[1:])
             for j in range(tn):
                 _, feats = self.denoiser(xt[:, j], t[j:j + 1].expand(b), guidance, return_features=True,
-                                         max_level=self.levels[0])
+                                         max_level=self.levels[0], return_output=False)
                 for k in per_t:
                     per_t[k].append(feats[k])
             return {k: torch.cat(v, dim=1) for k, v in per_t.items()}
