@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/bench_predict.py [--volumes phantom ct512] [--threads 2] [--max-seconds 300]
         [--workdir /tmp/diffprobe_bench_predict] [--preset tiny] [--nnunet-np 3] [--json out.json]
+        [--runs diffprobe diffprobe-tta nnunet nnunet-tta]   # a subset of the four runs per volume
 
 Volumes (one case each, written as .nii.gz, cached in the work dir):
     phantom  the test case of the benchmark's phantom dataset (default phantom size)
@@ -68,26 +69,27 @@ RUNS = [("diffprobe", "default (no TTA)", False), ("nnU-Net", "--disable_tta", F
         ("diffprobe", "--tta", True), ("nnU-Net", "default (mirroring TTA)", True)]
 BASELINE = ("nnU-Net", True)
 TIMEOUT_CODES = (124, 137)  # coreutils timeout: TERM sent / KILL needed
-_START_RE = re.compile(r"\[bench\] sliding window starts at ([\d.]+) s")
-_TILES_RE = re.compile(r"\[bench\] tiles (\d+)/(\d+) at ([\d.]+) s")
+_TILES_RE = re.compile(r"\[bench\] tiles (\d+)/(\d+) at ([\d.]+) s, window from ([\d.]+) s")
 
 
 # ---- workers (run as subprocesses of the benchmark) --------------------------------------------
 class TileProgress:
     """Prints sliding-window progress lines (seconds since the worker started), at most every 5 s,
-    so that the benchmark can extrapolate a run it had to kill."""
+    so that the benchmark can extrapolate a run it had to kill. Every line carries the time the
+    window started: only the tail of a killed run's output is kept."""
 
     def __init__(self) -> None:
         self.last = -1e9
+        self.started = 0.0
 
     def start(self) -> None:
-        print(f"[bench] sliding window starts at {time.perf_counter() - _T0:.2f} s", flush=True)
+        self.started = time.perf_counter() - _T0
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter() - _T0
         if done >= total or now - self.last >= 5:
             self.last = now
-            print(f"[bench] tiles {done}/{total} at {now:.2f} s", flush=True)
+            print(f"[bench] tiles {done}/{total} at {now:.2f} s, window from {self.started:.2f} s", flush=True)
 
 
 def diffprobe_cli(argv: list[str]) -> None:
@@ -288,11 +290,11 @@ def estimate_seconds(output: str) -> dict:
     """A killed run's time, extrapolated from its last progress line: time to the sliding window +
     window time so far x total tiles / tiles done (the resampling and writing after it are left out);
     none when the window had finished (what remained is not known) or not started."""
-    starts, tiles = _START_RE.findall(output), _TILES_RE.findall(output)
-    if not starts or not tiles or not 0 < int(tiles[-1][0]) < int(tiles[-1][1]) \
-            or float(tiles[-1][2]) < float(starts[-1]):
+    tiles = _TILES_RE.findall(output)
+    if not tiles or not 0 < int(tiles[-1][0]) < int(tiles[-1][1]):
         return {}
-    start, (done, total, now) = float(starts[-1]), tiles[-1]
+    done, total, now, start = tiles[-1]
+    start = float(start)
     return {"window_start_s": start, "tiles_done": int(done), "tiles_total": int(total),
             "estimated_seconds": round(start + (float(now) - start) * int(total) / int(done), 1)}
 
@@ -346,6 +348,8 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=5)
     ap.add_argument("--nnunet-np", type=int, default=3,
                     help="nnU-Net preprocessing and export processes (nnUNetv2_predict default 3; 0: sequential)")
+    ap.add_argument("--runs", nargs="+", choices=["diffprobe", "diffprobe-tta", "nnunet", "nnunet-tta"],
+                    default=None, help="only these runs (default: all four per volume)")
     ap.add_argument("--nnunet-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--output", type=Path, help=argparse.SUPPRESS)
@@ -367,6 +371,8 @@ def main() -> None:
     for vol, (inputs, _) in volumes.items():
         done: dict[tuple[str, bool], dict] = {}
         for tool, setting, tta in RUNS:
+            if args.runs and f"{tool.lower().replace('-', '')}{'-tta' if tta else ''}" not in args.runs:
+                continue
             row = {"volume": vol, "tool": tool, "setting": setting, "tta": tta}
             before = done.get((tool, False))
             if tta and before is not None and (before["timed_out"] or before["failed"]):
