@@ -28,6 +28,7 @@ sees the whole input, so inference is most faithful with
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -155,7 +156,7 @@ def _window_starts(size: int, patch: int, step: int, stride: int) -> list[int]:
 @torch.no_grad()
 def predict_coordinates(model: BodyPartRegressor, volume: np.ndarray | Tensor,
                         patch_size: tuple[int, int, int] | None = None, full_resolution: bool = True,
-                        *, pad_value: float = -1.0) -> Tensor:
+                        *, pad_value: float = -1.0, tile_batch: int = 8) -> Tensor:
     """Body coordinates of a whole volume (C, z, y, x) or (z, y, x): (3, z, y, x) float32, or low-res.
 
     Without ``patch_size`` (or when the volume fits into one patch) it is one forward pass on the
@@ -163,7 +164,8 @@ def predict_coordinates(model: BodyPartRegressor, volume: np.ndarray | Tensor,
     ``total_stride`` (and to ``patch_size``, so context statistics match training).  Otherwise a
     sliding window with half-patch overlap, window starts on the low-res grid, combined by a
     Gaussian-weighted average on the low-res map.  ``patch_size`` must be a multiple of
-    ``total_stride``.
+    ``total_stride``.  Windows go through the network ``tile_batch`` at a time (same result to
+    float rounding; faster, the BPR's convolutions being small).
 
     ``full_resolution``: trilinear upsampling (align_corners=False, i.e. low-res cell ``p`` sits at
     voxel ``p * stride + (stride - 1) / 2``, the convention the losses use) and cropping to the
@@ -202,15 +204,17 @@ def predict_coordinates(model: BodyPartRegressor, volume: np.ndarray | Tensor,
             norm = torch.zeros(low_shape, device=x.device, dtype=torch.float32)
             starts = [_window_starts(t, p, max(p // 2, s), s)
                       for t, p, s in zip(target, patch_size, stride, strict=True)]
-            for sz in starts[0]:
-                for sy in starts[1]:
-                    for sx in starts[2]:
-                        out = model(x[..., sz:sz + patch_size[0], sy:sy + patch_size[1], sx:sx + patch_size[2]])[0]
-                        lz, ly, lx = sz // stride[0], sy // stride[1], sx // stride[2]
-                        region = (slice(lz, lz + patch_low[0]), slice(ly, ly + patch_low[1]),
-                                  slice(lx, lx + patch_low[2]))
-                        acc[(slice(None), *region)] += out.float() * weights
-                        norm[region] += weights
+            tiles = list(itertools.product(*starts))
+            for first in range(0, len(tiles), tile_batch):  # batched: small convs amortise per-call costs
+                chunk = tiles[first:first + tile_batch]
+                batch = torch.cat([x[..., sz:sz + patch_size[0], sy:sy + patch_size[1], sx:sx + patch_size[2]]
+                                   for sz, sy, sx in chunk])
+                for out, (sz, sy, sx) in zip(model(batch), chunk):
+                    lz, ly, lx = sz // stride[0], sy // stride[1], sx // stride[2]
+                    region = (slice(lz, lz + patch_low[0]), slice(ly, ly + patch_low[1]),
+                              slice(lx, lx + patch_low[2]))
+                    acc[(slice(None), *region)] += out.float() * weights
+                    norm[region] += weights
             low = acc / norm
     finally:
         model.train(was_training)
