@@ -28,7 +28,8 @@ def pretrain_cmd(
                                                 help="save checkpoint_latest every N steps (default: the preset's)"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the denoiser (GPU)"),
-    channels_last: bool = typer.Option(False, "--channels_last", help="channels_last_3d memory format (GPU)"),
+    channels_last: bool | None = typer.Option(None, "--channels_last/--no_channels_last",
+                                              help="channels_last_3d memory format (default: on, the preset's)"),
 ) -> None:
     """Train the Body Part Regressor, then the BPR-guided 3D diffusion model, on unlabelled CT."""
     from diffprobe.pretraining.pretrain import pretrain
@@ -36,7 +37,7 @@ def pretrain_cmd(
     overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "batch_size": batch_size,
                  "diffusion_lr": lr, "num_workers": num_workers, "checkpoint_every": checkpoint_every,
                  "compile": compile_model or None,
-                 "channels_last": channels_last or None}
+                 "channels_last": channels_last}
     result = pretrain(dataset, name=name, stage=stage, preset=preset, guidance=guidance, attention=attention,
                       device=device, resume=resume, overrides=overrides, seed=seed)
     console.print(f"[green]done[/] stages {', '.join(result.stages_run) or '(none)'}: {result.model_dir}",

@@ -19,19 +19,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patch_size": [16, 48, 48], "batch_size": 2, "base_channels": 8, "max_channels": 64, "max_levels": 4,
         "blocks_per_level": 1, "diffusion_steps": 500, "diffusion_lr": 1e-3, "bpr_steps": 200, "bpr_lr": 1e-3,
         "bpr_width": 8, "bpr_crop": [16, 48, 48], "warmup_steps": 20, "ema_decay": 0.99, "checkpoint_every": 50,
-        "num_workers": 1, "compile": False, "channels_last": False,
+        "num_workers": 1, "compile": False, "channels_last": True,
     },
     "small": {
         "patch_size": [32, 64, 64], "batch_size": 2, "base_channels": 16, "max_channels": 128, "max_levels": 5,
         "blocks_per_level": 2, "diffusion_steps": 20000, "diffusion_lr": 1e-4, "bpr_steps": 2000, "bpr_lr": 1e-3,
         "bpr_width": 16, "bpr_crop": [32, 64, 64], "warmup_steps": 500, "ema_decay": 0.999,
-        "checkpoint_every": 500, "num_workers": 4, "compile": False, "channels_last": False,
+        "checkpoint_every": 500, "num_workers": 4, "compile": False, "channels_last": True,
     },
     "paper": {
         "patch_size": [32, 128, 128], "batch_size": 1, "base_channels": 32, "max_channels": 256, "max_levels": 5,
         "blocks_per_level": 2, "diffusion_steps": 300000, "diffusion_lr": 1e-4, "bpr_steps": 10000, "bpr_lr": 1e-3,
         "bpr_width": 32, "bpr_crop": [32, 128, 128], "warmup_steps": 2000, "ema_decay": 0.9999,
-        "checkpoint_every": 1000, "num_workers": 8, "compile": False, "channels_last": False,
+        "checkpoint_every": 1000, "num_workers": 8, "compile": False, "channels_last": True,
     },
 }
 
