@@ -64,6 +64,8 @@ def test_room_to_prefetch_sums_the_overlapping_phases(monkeypatch):
     assert predictor._room_to_prefetch(est, est, None)        # window 2 + read 3 = 5 < 5.5
     assert not predictor._room_to_prefetch(est, est, est)     # + write 1 = 6 > 5.5
     assert not predictor._room_to_prefetch(est, None, None)   # unreadable header: no overlap
+    huge = MemoryEstimate(raw_voxels=1, grid_voxels=1, read_bytes=1e9, window_bytes=9e9, write_bytes=1e9)
+    assert not predictor._room_to_prefetch(est, huge, None)   # would be refused alone: never read ahead
 
 
 def test_later_case_failure_keeps_the_earlier_ones(use_trained_probe_roots, tmp_path, capsys):

@@ -236,7 +236,8 @@ def _room_to_prefetch(current: MemoryEstimate | None, following: MemoryEstimate 
     if current is None or following is None:
         return False
     need = current.window_bytes + following.read_bytes + (previous.write_bytes if previous else 0.0)
-    return have is None or need < have
+    # A case that would be refused on its own is never read ahead: its turn refuses it unread.
+    return have is None or (need < have and following.total_bytes <= have)
 
 
 def _finish(future: Future | None) -> None:
