@@ -41,7 +41,7 @@ def load_plans(dataset: str | None) -> dict:
         from diffprobe.planning.planner import plan
 
         return plan(FINGERPRINT)
-    from diffprobe.plan_and_preprocess import preprocessed_cases
+    from diffprobe.preprocessing.access import preprocessed_cases
 
     return preprocessed_cases(dataset)[1]
 

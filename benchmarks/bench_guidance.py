@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict import CT_VOLUMES, DATASET_ID, ensure_models, ensure_volume, roots_env  # noqa: E402
+from bench_predict import (  # noqa: E402
+    CT_VOLUMES,
+    DATASET_ID,
+    add_setup_arguments,
+    ensure_models,
+    ensure_volume,
+    roots_env,
+)
 
 
 def main() -> None:
@@ -30,14 +37,12 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/diffprobe_bench_predict"))
-    ap.add_argument("--preset", default="tiny")
+    add_setup_arguments(ap)
     args = ap.parse_args()
     args.workdir = args.workdir.resolve()
-    setup = argparse.Namespace(**vars(args), cases=4, fov_mm=110.0, pretrain_steps=5, probe_steps=5)
     env = roots_env(args.workdir, args.threads)
     os.environ.update({k: v for k, v in env.items() if k.startswith(("DIFFPROBE_", "nnUNet_", "OMP_", "MKL_"))})
-    models = ensure_models(setup, env)
+    models = ensure_models(args, env)
     import torch
 
     from diffprobe.bpr import predict_coordinates

@@ -35,7 +35,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _measure import run_measured  # noqa: E402
-from bench_predict import CT_VOLUMES, DATASET_ID, FOLD, ensure_models, ensure_volume, roots_env  # noqa: E402
+from bench_predict import (  # noqa: E402
+    CT_VOLUMES,
+    DATASET_ID,
+    FOLD,
+    add_setup_arguments,
+    ensure_models,
+    ensure_volume,
+    roots_env,
+)
 
 
 def main() -> None:
@@ -43,13 +51,8 @@ def main() -> None:
     ap.add_argument("--volume", default="ct600", choices=["phantom", *CT_VOLUMES])
     ap.add_argument("--step-size", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/diffprobe_bench_predict"))
     ap.add_argument("--code", type=Path, nargs="*", default=[], help="other checkouts to measure side by side")
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--cases", type=int, default=4)
-    ap.add_argument("--fov_mm", type=float, default=110.0)
-    ap.add_argument("--pretrain-steps", type=int, default=5)
-    ap.add_argument("--probe-steps", type=int, default=5)
+    add_setup_arguments(ap)
     ap.add_argument("--preprocess-np", type=int, nargs="+", default=None)
     ap.add_argument("--pp-cases", type=int, default=4)
     ap.add_argument("--pp-fov", type=float, default=400.0)

@@ -181,6 +181,19 @@ def roots_env(work: Path, threads: int) -> dict[str, str]:
     return env
 
 
+def add_setup_arguments(ap: argparse.ArgumentParser, cases_flag: str = "--cases") -> None:
+    """The set-up options ``ensure_models`` reads, shared by every benchmark on Dataset902.
+
+    ``cases_flag`` renames the number of set-up phantoms where a script uses ``--cases`` for its inputs.
+    """
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/diffprobe_bench_predict"))
+    ap.add_argument("--preset", default="tiny", help="diffprobe pretraining preset (its patch size is used)")
+    ap.add_argument(cases_flag, dest="cases", type=int, default=4, help="labelled phantoms for the set-up dataset")
+    ap.add_argument("--fov_mm", type=float, default=110.0, help="phantom field of view (sets both tools' plans)")
+    ap.add_argument("--pretrain-steps", type=int, default=5, help="BPR and diffusion steps of the set-up")
+    ap.add_argument("--probe-steps", type=int, default=5)
+
+
 def ensure_models(args: argparse.Namespace, env: dict[str, str]) -> dict:
     """Phantom dataset, trained diffprobe probe and nnU-Net plans (each reused when present)."""
     os.environ.update({k: v for k, v in env.items() if k.startswith(("DIFFPROBE_", "nnUNet_"))})
@@ -188,10 +201,10 @@ def ensure_models(args: argparse.Namespace, env: dict[str, str]) -> dict:
 
     torch.set_num_threads(args.threads)
     from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
-    from diffprobe.plan_and_preprocess import plan_and_preprocess
     from diffprobe.pretraining.pretrain import model_dir, pretrain
     from diffprobe.probe.model import configuration_name, probe_dir
-    from diffprobe.probe.train import train_probe
+    from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
+    from diffprobe.workflows.train_probe import train_probe
 
     raw = args.workdir / "raw" / DATASET_NAME
     if not (raw / "dataset.json").is_file():
@@ -339,13 +352,8 @@ def main() -> None:
     ap.add_argument("--volumes", nargs="+", choices=VOLUME_CHOICES, default=["phantom", "ct512"])
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each tool (default 2)")
     ap.add_argument("--max-seconds", type=float, default=300.0, help="kill a run after this long (default 300)")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/diffprobe_bench_predict"))
     ap.add_argument("--json", type=Path, default=None, help="raw numbers (default: WORKDIR/bench_predict.json)")
-    ap.add_argument("--preset", default="tiny", help="diffprobe pretraining preset (its patch size is used)")
-    ap.add_argument("--cases", type=int, default=4, help="labelled phantoms for the set-up dataset")
-    ap.add_argument("--fov_mm", type=float, default=110.0, help="phantom field of view (sets both tools' plans)")
-    ap.add_argument("--pretrain-steps", type=int, default=5, help="BPR and diffusion steps of the set-up")
-    ap.add_argument("--probe-steps", type=int, default=5)
+    add_setup_arguments(ap)
     ap.add_argument("--nnunet-np", type=int, default=3,
                     help="nnU-Net preprocessing and export processes (nnUNetv2_predict default 3; 0: sequential)")
     ap.add_argument("--runs", nargs="+", choices=["diffprobe", "diffprobe-tta", "nnunet", "nnunet-tta"],

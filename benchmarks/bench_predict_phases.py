@@ -37,7 +37,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predict import CT_VOLUMES, DATASET_ID, DATASET_NAME, ensure_models, ensure_volume, roots_env  # noqa: E402
+from bench_predict import (  # noqa: E402
+    CT_VOLUMES,
+    DATASET_ID,
+    DATASET_NAME,
+    add_setup_arguments,
+    ensure_models,
+    ensure_volume,
+    roots_env,
+)
 
 PHASES = ("preprocess_s", "guidance_s", "window_s", "argmax_s", "export_s")
 
@@ -68,22 +76,16 @@ def phantom_inputs(work: Path, cases: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--volumes", nargs="+", default=["phantoms"], choices=["phantoms", *CT_VOLUMES])
-    ap.add_argument("--cases", type=int, default=5, help="phantom cases in the 'phantoms' folder")
+    ap.add_argument("--cases", dest="input_cases", type=int, default=5, help="phantom cases in the 'phantoms' folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--settings", nargs="+", default=None, help="subset of the settings (default: all)")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/diffprobe_bench_predict"))
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--cases-setup", dest="setup_cases", type=int, default=4, help=argparse.SUPPRESS)
-    ap.add_argument("--fov_mm", type=float, default=110.0, help=argparse.SUPPRESS)
-    ap.add_argument("--pretrain-steps", type=int, default=5, help=argparse.SUPPRESS)
-    ap.add_argument("--probe-steps", type=int, default=5, help=argparse.SUPPRESS)
+    add_setup_arguments(ap, cases_flag="--setup-cases")
     args = ap.parse_args()
     args.workdir = args.workdir.resolve()
-    setup = argparse.Namespace(**{**vars(args), "cases": args.setup_cases})
     env = roots_env(args.workdir, args.threads)
     os.environ.update({k: v for k, v in env.items() if k.startswith(("DIFFPROBE_", "nnUNet_", "OMP_", "MKL_"))})
-    models = ensure_models(setup, env)
+    models = ensure_models(args, env)
     import numpy as np
     import SimpleITK as sitk
     import torch
@@ -96,7 +98,8 @@ def main() -> None:
     chosen = args.settings or list(table)
     rows = []
     for vol in args.volumes:
-        inputs = phantom_inputs(args.workdir, args.cases) if vol == "phantoms" else ensure_volume(vol, args.workdir)[0]
+        inputs = (phantom_inputs(args.workdir, args.input_cases) if vol == "phantoms"
+                  else ensure_volume(vol, args.workdir)[0])
         n_cases = len(list(inputs.glob("*_0000.nii.gz")))
         out_root = args.workdir / "outputs" / f"phases_{vol}"
         warm = out_root / "warmup"

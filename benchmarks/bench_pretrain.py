@@ -46,7 +46,7 @@ def ensure_dataset(spec: str | None) -> str:
     for k in ("raw", "preprocessed", "results"):
         os.environ[f"DIFFPROBE_{k.upper()}"] = str(base / k)
     from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
-    from diffprobe.plan_and_preprocess import plan_and_preprocess
+    from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
 
     make_phantom_dataset(base / "raw" / "Dataset001_Phantoms", PhantomConfig(num_train_labelled=2,
                                                                             num_train_unlabelled=4, num_test=0))
@@ -67,7 +67,7 @@ def main() -> None:
 
     from diffprobe.diffusion import GaussianDiffusion
     from diffprobe.models import forward_flops
-    from diffprobe.plan_and_preprocess import preprocessed_cases
+    from diffprobe.preprocessing.access import preprocessed_cases
     from diffprobe.pretraining import data as pdata
     from diffprobe.pretraining.presets import resolve_preset
     from diffprobe.pretraining.pretrain import build_denoiser

@@ -92,7 +92,7 @@ def phantom_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                         spacing_inplane=(1.0, 1.3), spacing_slice=(2.0, 3.0), scan_length_mm=(50, 70))
     make_phantom_dataset(roots["raw"] / "Dataset001_Phantoms", cfg)
     with roots_at(base):
-        from diffprobe.plan_and_preprocess import plan_and_preprocess
+        from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
 
         plan_and_preprocess(1, num_processes=2, show_progress=False)
     return roots
@@ -123,9 +123,9 @@ def trained_probe_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     torch.set_num_threads(1)
     try:
         with roots_at(base):
-            from diffprobe.plan_and_preprocess import plan_and_preprocess
             from diffprobe.pretraining.pretrain import pretrain
-            from diffprobe.probe.train import train_probe
+            from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
+            from diffprobe.workflows.train_probe import train_probe
 
             plan_and_preprocess(1, num_processes=1, show_progress=False)
             pretrain(["1"], name="tiny", preset="tiny",

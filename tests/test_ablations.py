@@ -47,7 +47,7 @@ def assert_png(path: Path) -> None:
 
 
 def test_size_groups_are_terciles_largest_first():
-    from diffprobe.ablations import size_groups
+    from diffprobe.workflows.ablations import size_groups
 
     sizes = {"a": 10, "b": 500, "c": 50, "d": 5, "e": 100, "f": 1000, "g": 1}
     assert size_groups(sizes) == {"big": ["f", "b", "e"], "medium": ["c", "a"], "small": ["d", "g"]}
@@ -55,7 +55,7 @@ def test_size_groups_are_terciles_largest_first():
 
 
 def test_greedy_forward_selection():
-    from diffprobe.ablations import greedy_forward_selection
+    from diffprobe.workflows.ablations import greedy_forward_selection
 
     scores = {(5,): 0.2, (10,): 0.5, (30,): 0.4, (60,): 0.1, (5, 10): 0.55, (10, 30): 0.6, (10, 60): 0.3,
               (5, 10, 30): 0.58, (10, 30, 60): 0.65}
@@ -78,7 +78,7 @@ def test_greedy_forward_selection():
 
 
 def test_timesteps_sweep_writes_csv_png_and_reuses_finished_runs(ablation_roots, capsys):
-    from diffprobe.ablations import ablate_timesteps, class_sizes, size_groups
+    from diffprobe.workflows.ablations import ablate_timesteps, class_sizes, size_groups
 
     assert main(["ablate", "timesteps", "-d", "001", "--t", "10", "30", "-m", "tiny", "--steps", "2"]) == 0
     err = capsys.readouterr().err
@@ -107,9 +107,9 @@ def test_timesteps_sweep_writes_csv_png_and_reuses_finished_runs(ablation_roots,
 
 
 def test_tune_timesteps_writes_a_valid_plans_choice(ablation_roots, capsys):
-    from diffprobe.ablations import tune_timesteps
-    from diffprobe.plan_and_preprocess import preprocessed_cases
     from diffprobe.planning.plans import load_plans
+    from diffprobe.preprocessing.access import preprocessed_cases
+    from diffprobe.workflows.ablations import tune_timesteps
 
     plans_path = ablation_roots["preprocessed"] / DATASET / "diffprobe" / "plans.json"
     before = load_plans(plans_path)
@@ -161,7 +161,7 @@ def test_guidance_ablation_pretrains_missing_models(ablation_roots, capsys):
 
 
 def test_backbone_ablation_counts_parameters(ablation_roots):
-    from diffprobe.ablations import _ensure_model, ablate_backbone
+    from diffprobe.workflows.ablations import _ensure_model, ablate_backbone
 
     _ensure_model(1, "ablate_none", "none", "planned", "tiny", TINY_PRETRAIN, "cpu", False)  # no-op after the above
     result = ablate_backbone(1, ["ablate_none", "ablate_attn_none__none"], steps=2, pretrain_missing=True,

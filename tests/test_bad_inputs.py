@@ -70,7 +70,7 @@ class Roots:
 @pytest.fixture(scope="module")
 def preprocessed_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny valid dataset (id 5), planned and preprocessed once for the whole module."""
-    from diffprobe.plan_and_preprocess import plan_and_preprocess
+    from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
 
     base = tmp_path_factory.mktemp("bad_inputs_template")
     make_raw_dataset(base / "raw", shape=(10, 24, 28))

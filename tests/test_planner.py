@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import make_raw_dataset
 
+from diffprobe.diffusion import schedule as sch
 from diffprobe.errors import DiffprobeError
 from diffprobe.fingerprint import compute_fingerprint
 from diffprobe.planning import planner
-from diffprobe.planning import schedule as sch
 from diffprobe.planning.plans import apply_override, parse_override, replan_timesteps, validate_plans
 
 

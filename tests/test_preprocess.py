@@ -8,10 +8,11 @@ import SimpleITK as sitk
 from conftest import body_volume, make_raw_dataset, write_sitk
 
 from diffprobe.io.image_io import read_image, read_label, write_image
-from diffprobe.plan_and_preprocess import plan_and_preprocess, preprocessed_cases
+from diffprobe.preprocessing.access import preprocessed_cases
 from diffprobe.preprocessing.normalization import denormalize_ct
 from diffprobe.preprocessing.preprocess import revert_to_original
 from diffprobe.preprocessing.storage import load_case
+from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
 
 FLIP_Y = (1, 0, 0, 0, -1, 0, 0, 0, 1)
 OBLIQUE = tuple(np.array([[0.98480775, -0.17364818, 0], [0.17364818, 0.98480775, 0], [0, 0, 1]]).ravel())

@@ -6,7 +6,7 @@ import torch
 from diffprobe.cli.app import main
 from diffprobe.diffusion import GaussianDiffusion
 from diffprobe.errors import DiffprobeError
-from diffprobe.plan_and_preprocess import preprocessed_cases
+from diffprobe.preprocessing.access import preprocessed_cases
 from diffprobe.pretraining import data as pdata
 from diffprobe.pretraining.presets import resolve_preset
 from diffprobe.pretraining.pretrain import build_denoiser, pretrain

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffprobe.plan_and_preprocess import preprocessed_cases
+from diffprobe.preprocessing.access import preprocessed_cases
 from diffprobe.pretraining.data import PatchBatches, loader, volume_refs
 
 PATCH = [8, 32, 32]

@@ -176,9 +176,9 @@ def test_splits_nnunet_style_and_user_splits(tmp_path):
 @pytest.mark.parametrize("pool", [0, 4], ids=["per-step-features", "feature-pool"])
 def test_probe_resume_equals_uninterrupted(use_trained_probe_roots, monkeypatch, pool):
     """Resume after the step-2 checkpoint; with the pool, a refresh (step 3) lies after the resume."""
-    from diffprobe.probe.train import train_probe
     from diffprobe.training.checkpoint import load_checkpoint
     from diffprobe.training.trainer import Trainer
+    from diffprobe.workflows.train_probe import train_probe
 
     settings = {"steps": 4, "checkpoint_every": 2, "validate_every": 0, "pool_patches": pool, "pool_refresh": 3}
     full = train_probe(1, "all", "tiny", overrides=settings, show_progress=False, final_validation=False,

@@ -41,8 +41,9 @@ def test_flipped_label_reoriented_physically(real_ct_dataset):
 
 
 def test_plan_and_preprocess_real_ct(real_ct_dataset):
-    from diffprobe.plan_and_preprocess import plan_and_preprocess, preprocessed_cases
+    from diffprobe.preprocessing.access import preprocessed_cases
     from diffprobe.preprocessing.storage import load_case
+    from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
 
     report = plan_and_preprocess(9, num_processes=1, show_progress=False)
     assert any("reoriented" in n for n in report.notes)

@@ -79,7 +79,7 @@ def timesteps_cmd(
     device: str = _DEVICE,
 ) -> None:
     """Dice of probes on single feature timesteps vs the planned set, per organ-size group."""
-    from diffprobe.ablations import ablate_timesteps
+    from diffprobe.workflows.ablations import ablate_timesteps
 
     print_ablation(ablate_timesteps(dataset, timesteps or None, pretrained, fold, steps, head, device))
 
@@ -101,7 +101,7 @@ def guidance_cmd(
     device: str = _DEVICE,
 ) -> None:
     """Dice of probes on models pretrained with guidance none / random / physical / BPR (from model.json)."""
-    from diffprobe.ablations import ablate_guidance
+    from diffprobe.workflows.ablations import ablate_guidance
 
     overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "num_workers": num_workers}
     print_ablation(ablate_guidance(dataset, models or None, fold, steps, pretrain, None, preset, overrides, head,
@@ -127,7 +127,7 @@ def backbone_cmd(
     device: str = _DEVICE,
 ) -> None:
     """Dice of probes on a denoiser with the planned attention vs a pure-convolution one; parameter counts."""
-    from diffprobe.ablations import ablate_backbone
+    from diffprobe.workflows.ablations import ablate_backbone
 
     overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "num_workers": num_workers}
     print_ablation(ablate_backbone(dataset, models or None, fold, steps, pretrain, guidance, preset, overrides, head,
@@ -148,7 +148,7 @@ def tune_timesteps_cmd(
     dry_run: bool = typer.Option(False, "--dry_run", help="measure and print, but leave plans.json unchanged"),
 ) -> None:
     """Choose the feature timesteps by validation Dice (greedy forward selection) and write them to plans.json."""
-    from diffprobe.ablations import tune_timesteps
+    from diffprobe.workflows.ablations import tune_timesteps
 
     result = tune_timesteps(dataset, candidates or None, pretrained, fold, k, steps, head, device,
                             write=not dry_run)

@@ -52,7 +52,7 @@ def plan_and_preprocess_cmd(
                                               help="edit any plans key, e.g. --override network.blocks_per_level=1"),
 ) -> None:
     """Fingerprint (with integrity check), plan (plans.json) and preprocess datasets."""
-    from diffprobe.plan_and_preprocess import plan_and_preprocess
+    from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
 
     kwargs = {k: v for k, v in {
         "patch_size": list(patch_size) if patch_size else None,

@@ -18,7 +18,7 @@ def demo_cmd(
     device: str = typer.Option("auto", "-device", "--device", help="auto, cpu or cuda"),
 ) -> None:
     """Run the whole pipeline on generated phantoms: pretrain, probe, predict, evaluate."""
-    from diffprobe.demo import DemoSize, format_rows, run_demo
+    from diffprobe.workflows.demo import DemoSize, format_rows, run_demo
 
     result = run_demo(output, compare_random, DemoSize.quick() if quick else DemoSize(), device)
     console.print("\nDice on the held-out phantoms (imagesTs):", highlight=False)

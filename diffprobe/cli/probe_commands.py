@@ -28,7 +28,7 @@ def train_cmd(
     seed: int = typer.Option(0, "--seed", help="random seed"),
 ) -> None:
     """Train a probing head on the frozen pretrained denoiser's multi-timestep features."""
-    from diffprobe.probe.train import train_probe
+    from diffprobe.workflows.train_probe import train_probe
 
     overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "checkpoint_every": checkpoint_every}
     result = train_probe(dataset, fold, pretrained, head, finetune, device, resume, overrides, timesteps or None,

@@ -1,6 +1,6 @@
 """Gaussian diffusion (Ho et al. 2020) with the schedule from plans.json.
 
-Conventions match :mod:`diffprobe.planning.schedule`: timesteps are 0-indexed and
+Conventions match :mod:`diffprobe.diffusion.schedule`: timesteps are 0-indexed and
 ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``. The denoiser predicts ε. Sampling:
 ancestral DDPM (T steps) and deterministic DDIM (Song et al. 2021) with fewer steps.
 """
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffprobe.planning import schedule as sch
+from diffprobe.diffusion import schedule as sch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 

@@ -12,7 +12,7 @@ Rules, each overridable (see :func:`plan`):
   Channels double per level up to a cap.
 - **Attention per level**: linear ("efficient") attention costs O(N C^2), softmax
   O(N^2 C) for N tokens and C channels; softmax is chosen where N <= C, linear otherwise.
-- **Timesteps**: from target noise levels (:mod:`diffprobe.planning.schedule`).
+- **Timesteps**: from target noise levels (:mod:`diffprobe.diffusion.schedule`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import math
 import numpy as np
 
 from diffprobe import __version__
+from diffprobe.diffusion import schedule as sch
 from diffprobe.fingerprint import AXIS_ORDER
-from diffprobe.planning import schedule as sch
 
 PLANS_VERSION = 1
 ANISOTROPY_THRESHOLD = 3.0

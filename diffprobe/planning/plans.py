@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from diffprobe.diffusion import schedule as sch
 from diffprobe.errors import DiffprobeError
 from diffprobe.planning import planner
-from diffprobe.planning import schedule as sch
 from diffprobe.utils import write_json
 
 PLANS_FILENAME = "plans.json"

@@ -24,6 +24,7 @@ import torch
 from diffprobe.dataset.cases import Case
 from diffprobe.dataset.dataset_json import DatasetInfo
 from diffprobe.dataset.integrity import check_case
+from diffprobe.devices import resolve_device
 from diffprobe.errors import DiffprobeError
 from diffprobe.io.image_io import file_ending, write_image
 from diffprobe.parallel import progress_bar
@@ -33,7 +34,6 @@ from diffprobe.predict.memory import MemoryEstimate, available_bytes, estimate_f
 from diffprobe.predict.sliding_window import sliding_window_logits
 from diffprobe.preprocessing.preprocess import preprocess_checked, revert_to_original
 from diffprobe.pretraining.data import VolumeRef, physical_guidance
-from diffprobe.pretraining.pretrain import resolve_device
 from diffprobe.probe.features import patch_seed
 from diffprobe.probe.model import TrainedProbe, load_trained_probe
 from diffprobe.utils import atomic_path
@@ -60,7 +60,7 @@ def volume_guidance(probe: TrainedProbe, data: np.ndarray, identifier: str,
 
 @torch.no_grad()
 def predict_logits(probes: list[TrainedProbe], data: np.ndarray, identifier: str, spacing: list[float],
-                   device: torch.device, step_size: float = 0.5, tta: bool = False, batch_size: int | None = None,
+                   device: torch.device, step_size: float = 0.5, tta: bool = False,
                    progress=None, settings: InferenceSettings | None = None,
                    timings: dict[str, float] | None = None) -> torch.Tensor:
     """Mean sliding-window logits (K, z, y, x) of the probes on a preprocessed volume.
@@ -70,7 +70,6 @@ def predict_logits(probes: list[TrainedProbe], data: np.ndarray, identifier: str
     spent on the guidance channels and in the window.
     """
     settings = settings or InferenceSettings()
-    batch_size = batch_size or settings.tile_batch
     fmt = memory_format(settings)
     volume = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
     total = None
@@ -91,7 +90,7 @@ def predict_logits(probes: list[TrainedProbe], data: np.ndarray, identifier: str
         started = time.perf_counter()
         logits = sliding_window_logits(
             volume, guidance_cache[key], predict_patch, probe.num_classes, probe.patch_size, step_size=step_size,
-            batch_size=batch_size, mirror_axes=(0, 1, 2) if tta else (), device=device,
+            batch_size=settings.tile_batch, mirror_axes=(0, 1, 2) if tta else (), device=device,
             accumulate_dtype=torch.float16 if device.type == "cuda" else torch.float32, progress=progress)
         total = logits if total is None else total.add_(logits)
         del logits
@@ -188,17 +187,6 @@ def export_case(probes: list[TrainedProbe], result: WindowResult, out_path: Path
     return out_path
 
 
-def predict_case(probes: list[TrainedProbe], case: Case, out_path: Path, device: torch.device,
-                 step_size: float = 0.5, tta: bool = False, save_probabilities: bool = False,
-                 progress=None, settings: InferenceSettings | None = None,
-                 timings: dict[str, float] | None = None) -> Path:
-    """One case, start to finish, in this thread (``predict`` overlaps the three phases across cases)."""
-    loaded = load_case(probes, case, timings)
-    result = window_case(probes, loaded, device, step_size, tta, save_probabilities, progress, settings, timings)
-    del loaded
-    return export_case(probes, result, out_path, timings)
-
-
 def _memory_need(case: Case, meta: dict, num_probes: int, save_probabilities: bool) -> MemoryEstimate | None:
     """The case's RAM bound from its header, or None when the header cannot be read (the
     integrity check then reports the file properly)."""
@@ -232,9 +220,9 @@ def _room_to_prefetch(current: MemoryEstimate | None, following: MemoryEstimate 
     phases' bounds fits in what is available now; otherwise the cases run one after another (same
     outputs, the single-case bound of docs/reliability.md).
     """
-    have = available_bytes()
     if current is None or following is None:
         return False
+    have = available_bytes()
     need = current.window_bytes + following.read_bytes + (previous.write_bytes if previous else 0.0)
     # A case that would be refused on its own is never read ahead: its turn refuses it unread.
     return have is None or (need < have and following.total_bytes <= have)

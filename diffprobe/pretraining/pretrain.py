@@ -20,10 +20,11 @@ import torch
 
 from diffprobe import __version__, paths
 from diffprobe.bpr import BodyPartRegressor, bpr_losses, collate_pairs, predict_coordinates, sample_crop_pair
+from diffprobe.devices import resolve_device
 from diffprobe.diffusion import GaussianDiffusion
 from diffprobe.errors import DiffprobeError
 from diffprobe.models import DiffusionUNet
-from diffprobe.plan_and_preprocess import preprocessed_cases
+from diffprobe.preprocessing.access import preprocessed_cases
 from diffprobe.preprocessing.storage import load_array, open_array, save_array
 from diffprobe.pretraining import data as pdata
 from diffprobe.pretraining.presets import resolve_preset
@@ -54,14 +55,6 @@ def available_datasets() -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / paths.SUBFOLDER / "plans.json").is_file())
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DiffprobeError("CUDA was requested but no GPU is available", fix="use -device cpu")
-    return device
 
 
 def collect_volumes(datasets: list[str]) -> tuple[list[pdata.VolumeRef], dict, list[str]]:

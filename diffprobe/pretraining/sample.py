@@ -15,7 +15,7 @@ import torch
 from diffprobe.diffusion import GaussianDiffusion
 from diffprobe.errors import DiffprobeError
 from diffprobe.models import DiffusionUNet
-from diffprobe.plan_and_preprocess import preprocessed_cases
+from diffprobe.preprocessing.access import preprocessed_cases
 from diffprobe.pretraining import data as pdata
 from diffprobe.pretraining.pretrain import build_denoiser, model_dir, with_bpr_maps
 from diffprobe.training.checkpoint import load_checkpoint, load_state_checked

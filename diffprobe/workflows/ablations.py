@@ -1,6 +1,6 @@
 """The paper's experiments as commands: feature timesteps, guidance, backbone; timestep tuning.
 
-Every experiment trains quick probes (``diffprobe.probe.train.train_probe``) into their own
+Every experiment trains quick probes (``diffprobe.workflows.train_probe.train_probe``) into their own
 configurations under ``<results>/DatasetXXX_Name/diffprobe/`` and reads each one's
 end-of-training validation (``validation/summary.json``: Dice of full sliding-window
 predictions of the fold's validation cases). A run whose folder already holds
@@ -119,7 +119,7 @@ def _schedule(diffusion: dict) -> dict:
 
 def noise_stds(diffusion: dict, timesteps: list[int]) -> list[float]:
     """sqrt(1 - abar_t) of each timestep under the given plans' schedule (normalised units)."""
-    from diffprobe.planning import schedule as sch
+    from diffprobe.diffusion import schedule as sch
 
     abar = sch.alphas_cumprod(**_schedule(diffusion))
     return [float(sch.noise_std(abar, int(t))) for t in timesteps]
@@ -141,10 +141,10 @@ def class_sizes(dataset: str | int) -> dict[str, float]:
     every case, so voxel counts compare volumes. Cached in ``ablations/class_sizes.json``
     (keyed by the preprocessing hash and the case list).
     """
-    from diffprobe.plan_and_preprocess import preprocessed_cases
+    from diffprobe.preprocessing.access import preprocessed_cases
     from diffprobe.preprocessing.preprocess import preprocessing_hash
     from diffprobe.preprocessing.storage import case_paths, load_array
-    from diffprobe.probe.train import labelled_ids
+    from diffprobe.workflows.train_probe import labelled_ids
 
     data_dir, plans, ids = preprocessed_cases(dataset)
     labelled = labelled_ids(data_dir, ids)
@@ -199,7 +199,7 @@ def run_probe(dataset: str | int, fold: str, pretrained: str, timesteps: list[in
     """
     from diffprobe.pretraining.pretrain import model_dir
     from diffprobe.probe.model import file_checksum, probe_dir
-    from diffprobe.probe.train import probe_config, train_probe
+    from diffprobe.workflows.train_probe import probe_config, train_probe
 
     settings = {**(overrides or {}), "steps": steps}
     folder = probe_dir(dataset, configuration, str(fold))
@@ -222,9 +222,9 @@ def run_probe(dataset: str | int, fold: str, pretrained: str, timesteps: list[in
         if summary_path.is_file():
             summary = read_json(summary_path)
         else:  # interrupted during the final validation: validate the finished probe
-            from diffprobe.plan_and_preprocess import preprocessed_cases
+            from diffprobe.devices import resolve_device
             from diffprobe.predict.validation import validate_fold
-            from diffprobe.pretraining.pretrain import resolve_device
+            from diffprobe.preprocessing.access import preprocessed_cases
 
             data_dir, _, _ = preprocessed_cases(dataset)
             summary = validate_fold(folder, data_dir, meta["val_cases"], resolve_device(device), show_progress)
@@ -365,7 +365,7 @@ def ablate_timesteps(dataset: str | int, timesteps: list[int] | None = None, pre
                      fold: str = "0", steps: int | None = None, head: str = "fpn", device: str = "auto",
                      overrides: dict[str, Any] | None = None, show_progress: bool = True) -> AblationResult:
     """One probe per single timestep, plus one on the plans' feature_timesteps (the planned set)."""
-    from diffprobe.plan_and_preprocess import preprocessed_cases
+    from diffprobe.preprocessing.access import preprocessed_cases
 
     _, plans, _ = preprocessed_cases(dataset)
     meta = _model_meta(pretrained)
@@ -428,7 +428,7 @@ def _model_info(name: str) -> dict[str, Any]:
 def _compare_models(kind: str, dataset: str | int, models: list[str], fold: str, steps: int | None, head: str,
                     device: str, overrides: dict[str, Any] | None, show_progress: bool,
                     legend: Callable[[dict], str], lead: list[str]) -> AblationResult:
-    from diffprobe.plan_and_preprocess import preprocessed_cases
+    from diffprobe.preprocessing.access import preprocessed_cases
 
     models = list(dict.fromkeys(models))
     if not models:

@@ -19,7 +19,6 @@ from typing import Any
 from diffprobe import paths
 from diffprobe.dataset.cases import Case, list_cases
 from diffprobe.dataset.dataset_json import DatasetInfo, load_dataset_json
-from diffprobe.errors import DiffprobeError
 from diffprobe.fingerprint import compute_fingerprint
 from diffprobe.locking import folder_lock
 from diffprobe.parallel import parallel_map
@@ -145,16 +144,3 @@ def _remove_stale(data_dir: Path, identifiers: set[str]) -> None:
         stem = next((f.name[: -len(s)] for s in ("_seg.b2nd", ".b2nd", ".json") if f.name.endswith(s)), None)
         if stem is not None and stem not in identifiers:
             f.unlink(missing_ok=True)
-
-
-def preprocessed_cases(dataset: str | int) -> tuple[Path, dict, list[str]]:
-    """(data folder, plans, finished case ids) of a preprocessed dataset, for later stages."""
-    out = paths.preprocessed_dir(dataset)
-    plans = load_plans(out / PLANS_FILENAME)
-    data_dir = out / "data"
-    phash = preprocessing_hash(plans)
-    ids = sorted(p.stem for p in data_dir.glob("*.json") if is_finished(data_dir, p.stem, phash))
-    if not ids:
-        raise DiffprobeError("no preprocessed cases", data_dir,
-                             f"run `diffprobe plan_and_preprocess -d {dataset}`")
-    return data_dir, plans, ids

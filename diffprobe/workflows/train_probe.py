@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from diffprobe import __version__
+from diffprobe.devices import resolve_device
 from diffprobe.errors import DiffprobeError
-from diffprobe.plan_and_preprocess import preprocessed_cases
+from diffprobe.preprocessing.access import preprocessed_cases
 from diffprobe.preprocessing.storage import case_paths
 from diffprobe.pretraining import data as pdata
-from diffprobe.pretraining.pretrain import load_bpr, model_dir, resolve_device, write_bpr_maps
+from diffprobe.pretraining.pretrain import load_bpr, model_dir, write_bpr_maps
 from diffprobe.pretraining.sample import load_denoiser
 from diffprobe.probe.data import LabelledPatches, labelled_volumes
 from diffprobe.probe.feature_pool import FeaturePool, feature_bytes_per_patch, pool_size_for_budget

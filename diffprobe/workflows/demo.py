@@ -57,7 +57,7 @@ def _probe_and_score(result: DemoResult, pretrained: str, size: DemoSize, device
     from diffprobe.evaluation import evaluate_folders
     from diffprobe.predict.predictor import predict
     from diffprobe.probe.model import configuration_name, probe_dir
-    from diffprobe.probe.train import train_probe
+    from diffprobe.workflows.train_probe import train_probe
 
     config = configuration_name(pretrained, "fpn", False)
     done = (probe_dir(1, config, "all") / "checkpoint_final.pt").is_file()
@@ -81,8 +81,8 @@ def run_demo(folder: str | Path = "diffprobe_demo", compare_random: bool = False
              device: str = "auto", show_progress: bool = True) -> DemoResult:
     """Run (or continue) the demo in ``folder``; returns the evaluation rows, timings and figures."""
     from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
-    from diffprobe.plan_and_preprocess import plan_and_preprocess
     from diffprobe.pretraining.pretrain import model_dir, pretrain
+    from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
 
     size = size or DemoSize()
     folder = Path(folder).resolve()
