@@ -94,7 +94,7 @@ def phantom_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with roots_at(base):
         from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
 
-        plan_and_preprocess(1, num_processes=2, show_progress=False)
+        plan_and_preprocess(1, num_processes=2, show_progress=False, plan_kwargs={"size_class": "tiny"})
     return roots
 
 
@@ -127,8 +127,8 @@ def trained_probe_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
             from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
             from diffprobe.workflows.train_probe import train_probe
 
-            plan_and_preprocess(1, num_processes=1, show_progress=False)
-            pretrain(["1"], name="tiny", preset="tiny",
+            plan_and_preprocess(1, num_processes=1, show_progress=False, plan_kwargs={"size_class": "tiny"})
+            pretrain(["1"], name="tiny",
                      overrides={"bpr_steps": 3, "diffusion_steps": 3, "num_workers": 0}, show_progress=False)
             # A near-initial head (low lr): its label maps hold several classes, which the
             # geometry tests need to see where labels land.

@@ -597,7 +597,7 @@ def test_install_model_of_another_version(probe: Roots, tmp_path: Path, capfd: p
 def test_pretrain_name_escaping_results(probe: Roots, name: str, capfd: pytest.CaptureFixture) -> None:
     """`pretrain --name` becomes a folder under results/pretrained: path-like names are refused."""
     before = tree_hashes(probe.base)
-    code, text = run_cli(["pretrain", "-d", "1", "--name", name, "--preset", "tiny", "--bpr_steps", "1",
+    code, text = run_cli(["pretrain", "-d", "1", "--name", name, "--bpr_steps", "1",
                           "--diffusion_steps", "1", "-device", "cpu"], capfd)
     assert_clean_failure(code, text, name)
     assert tree_hashes(probe.base) == before

@@ -9,6 +9,7 @@ import torch
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.pretraining.export import export_model, install_model
+from diffprobe.pretraining.pretrained_model import MODEL_FORMAT
 from diffprobe.training.checkpoint import load_checkpoint, save_checkpoint
 from diffprobe.utils import write_json
 
@@ -16,7 +17,7 @@ from diffprobe.utils import write_json
 @pytest.fixture
 def fake_model(roots):
     out = roots["results"] / "pretrained" / "m1"
-    write_json(out / "model.json", {"name": "m1", "format": 1})
+    write_json(out / "model.json", {"name": "m1", "format": MODEL_FORMAT})
     save_checkpoint(out / "diffusion" / "checkpoint_final.pt", {"step": 3, "model": {"w": torch.ones(2)}})
     save_checkpoint(out / "bpr" / "checkpoint_final.pt", {"step": 2, "model": {"w": torch.zeros(2)}})
     return out
@@ -104,7 +105,7 @@ def test_archive_model_name_must_stay_in_pretrained(roots, tmp_path, name):
     """Without --name the archive's own model.json name is used: it is untrusted too."""
     z = tmp_path / "named.zip"
     with zipfile.ZipFile(z, "w") as zf:
-        zf.writestr("model.json", json.dumps({"name": name, "format": 1}))
+        zf.writestr("model.json", json.dumps({"name": name, "format": MODEL_FORMAT}))
     with pytest.raises(DiffprobeError, match="the archive's model name .* is not a plain folder name") as exc:
         install_model(z)
     assert exc.value.file == str(z)

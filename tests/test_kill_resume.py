@@ -96,12 +96,12 @@ def compare_predictions(ref: Path, got: Path) -> None:
 
 STAGES = {
     "plan_and_preprocess": Stage(
-        "plan_and_preprocess", ["plan_and_preprocess", "-d", "1", "-np", "2"],
-        ["plan_and_preprocess", "-d", "1", "-np", "2"], [PRE], compare_preprocessed),
+        "plan_and_preprocess", ["plan_and_preprocess", "-d", "1", "-np", "2", "--size_class", "tiny"],
+        ["plan_and_preprocess", "-d", "1", "-np", "2", "--size_class", "tiny"], [PRE], compare_preprocessed),
     "pretrain": Stage(
-        "pretrain", ["pretrain", "-d", "1", "--name", "k", "--preset", "tiny", "--bpr_steps", "4",
+        "pretrain", ["pretrain", "-d", "1", "--name", "k", "--bpr_steps", "4",
                      "--diffusion_steps", "6", "--checkpoint_every", "2"],
-        ["pretrain", "-d", "1", "--name", "k", "--preset", "tiny", "--bpr_steps", "4",
+        ["pretrain", "-d", "1", "--name", "k", "--bpr_steps", "4",
          "--diffusion_steps", "6", "--checkpoint_every", "2", "--c"],
         [MODEL], compare_pretrained, {f"{MODEL}/bpr": "bpr", f"{MODEL}/diffusion": "diffusion"}),
     "train": Stage(

@@ -6,14 +6,15 @@ import torch
 from diffprobe.cli.app import main
 from diffprobe.diffusion import GaussianDiffusion
 from diffprobe.errors import DiffprobeError
+from diffprobe.planning.view import Plans
 from diffprobe.preprocessing.access import preprocessed_cases
 from diffprobe.pretraining import data as pdata
-from diffprobe.pretraining.presets import resolve_preset
-from diffprobe.pretraining.pretrain import build_denoiser, pretrain
+from diffprobe.pretraining.pretrain import pretrain
+from diffprobe.pretraining.pretrained_model import build_denoiser
 from diffprobe.training.checkpoint import load_checkpoint
 
-TINY = {"patch_size": [8, 32, 32], "batch_size": 2, "num_workers": 0, "warmup_steps": 5, "checkpoint_every": 20,
-        "bpr_crop": [8, 32, 32], "bpr_width": 4, "base_channels": 8, "max_channels": 16, "max_levels": 3}
+# run overrides of the planned (size class tiny, see conftest) training values
+TINY = {"batch_size": 2, "num_workers": 0, "warmup_steps": 5, "checkpoint_every": 20}
 
 
 def fixed_eval_loss(model, diffusion, batch, guidance):
@@ -25,15 +26,15 @@ def fixed_eval_loss(model, diffusion, batch, guidance):
 
 
 def test_eps_loss_decreases(use_phantom_roots):
-    result = pretrain(["1"], name="eps", guidance="physical", preset="tiny", show_progress=False,
+    result = pretrain(["1"], name="eps", guidance="physical", show_progress=False,
                       overrides={**TINY, "diffusion_steps": 60, "diffusion_lr": 2e-3})
     data_dir, plans, ids = preprocessed_cases(1)
-    cfg = resolve_preset(plans, "tiny", TINY)
-    src = pdata.PatchBatches(pdata.volume_refs(data_dir, ids), cfg["patch_size"], 4, "physical", augment=False, seed=9)
+    cfg = Plans(plans)
+    src = pdata.PatchBatches(pdata.volume_refs(data_dir, ids), cfg.patch_size, 4, "physical", augment=False, seed=9)
     batch = src.batch(0)
     diffusion = GaussianDiffusion.from_plans(plans)
-    untrained = build_denoiser(cfg, plans, "physical", "planned")
-    trained = build_denoiser(cfg, plans, "physical", "planned")
+    untrained = build_denoiser(cfg, "physical", "planned")
+    trained = build_denoiser(cfg, "physical", "planned")
     ckpt = load_checkpoint(result.model_dir / "diffusion" / "checkpoint_final.pt")
     trained.load_state_dict(ckpt["model"])
     before = fixed_eval_loss(untrained, diffusion, batch["image"], batch["guidance"])
@@ -44,16 +45,16 @@ def test_eps_loss_decreases(use_phantom_roots):
 
 def test_guidance_none_builds_unguided_model(use_phantom_roots):
     _, plans, _ = preprocessed_cases(1)
-    cfg = resolve_preset(plans, "tiny", TINY)
-    model = build_denoiser(cfg, plans, "none", "none")
-    x = torch.zeros(1, 1, *cfg["patch_size"])
+    cfg = Plans(plans)
+    model = build_denoiser(cfg, "none", "none")
+    x = torch.zeros(1, 1, *cfg.patch_size)
     assert model(x, torch.tensor([5])).shape == x.shape
     with pytest.raises(ValueError):
-        build_denoiser(cfg, plans, "bpr", "planned")(x, torch.tensor([5]))
+        build_denoiser(cfg, "bpr", "planned")(x, torch.tensor([5]))
 
 
 def test_pretrain_cli_bpr_then_diffusion(use_phantom_roots):
-    args = ["pretrain", "-d", "1", "--name", "cli", "--preset", "tiny", "--bpr_steps", "6", "--diffusion_steps", "4",
+    args = ["pretrain", "-d", "1", "--name", "cli", "--bpr_steps", "6", "--diffusion_steps", "4",
             "--num_workers", "0", "--batch_size", "2"]
     assert main(args) == 0
     out = use_phantom_roots["results"] / "pretrained" / "cli"
@@ -81,10 +82,10 @@ def test_channels_last_gives_same_loss(use_phantom_roots):
     from diffprobe.pretraining.pretrain import _diffusion_loss
 
     data_dir, plans, ids = preprocessed_cases(1)
-    cfg = resolve_preset(plans, "tiny", TINY)
-    batch = pdata.PatchBatches(pdata.volume_refs(data_dir, ids), cfg["patch_size"], 2, "physical").batch(0)
+    cfg = Plans(plans)
+    batch = pdata.PatchBatches(pdata.volume_refs(data_dir, ids), cfg.patch_size, 2, "physical").batch(0)
     torch.manual_seed(0)
-    model = build_denoiser(cfg, plans, "physical", "planned")
+    model = build_denoiser(cfg, "physical", "planned")
     for p in model.parameters():  # leave the zero-init state so the output depends on the input
         torch.nn.init.normal_(p, std=0.02)
     diffusion = GaussianDiffusion.from_plans(plans)

@@ -34,12 +34,15 @@ def make_phantoms_cmd(
                   f"phantoms to [bold]{folder}[/]")
 
 
-@command("plan_and_preprocess", "diffprobe plan_and_preprocess -d 1 -np 4 --patch_size 32 128 128")
+@command("plan_and_preprocess", "diffprobe plan_and_preprocess -d 1 -np 4 --size_class small --patch_size 32 128 128")
 def plan_and_preprocess_cmd(
     dataset: list[str] = typer.Option(..., "-d", "--dataset", help=DATASET_HELP),
     num_processes: int = typer.Option(2, "-np", "--num_processes", help="worker processes (one case each)"),
     clean: bool = typer.Option(False, "--clean", help="redo fingerprint, plans and every case"),
-    replan: bool = typer.Option(False, "--replan", help="rewrite plans.json even if it exists (edits are lost)"),
+    replan: bool = typer.Option(False, "--replan", help="re-plan from the recorded planner inputs (flags and "
+                                "--override kept, tuned timesteps kept; direct edits of plans.json are lost)"),
+    size_class: str | None = typer.Option(None, "--size_class", "--preset",
+                                          help="tiny, cpu, small or paper (default: cpu on CPU, paper on GPU)"),
     patch_size: tuple[int, int, int] | None = typer.Option(None, "--patch_size", help="patch size z y x (voxels)"),
     target_spacing: tuple[float, float, float] | None = typer.Option(
         None, "--target_spacing", help="target spacing z y x (mm)"),
@@ -55,6 +58,7 @@ def plan_and_preprocess_cmd(
     from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
 
     kwargs = {k: v for k, v in {
+        "size_class": size_class,
         "patch_size": list(patch_size) if patch_size else None,
         "target_spacing_override": list(target_spacing) if target_spacing else None,
         "batch_size": batch_size,

@@ -7,38 +7,41 @@ import typer
 from diffprobe.cli.app import command, console
 
 
-@command("pretrain", "diffprobe pretrain -d 1 2 --name abdomen --preset small -device cuda   "
-                     "(multi-GPU: torchrun --nproc_per_node 4 $(which diffprobe) pretrain -d 1 --preset paper)")
+@command("pretrain", "diffprobe pretrain -d 1 2 --name abdomen -device cuda   "
+                     "(multi-GPU: torchrun --nproc_per_node 4 $(which diffprobe) pretrain -d 1 -device cuda)")
 def pretrain_cmd(
     dataset: list[str] | None = typer.Option(None, "-d", "--dataset",
                                              help="preprocessed dataset id(s); default: every preprocessed dataset"),
     name: str = typer.Option("default", "--name", "-m", help="name of the pretrained model (results/pretrained/NAME)"),
     stage: str = typer.Option("all", "--stage", help="bpr, diffusion or all"),
-    preset: str = typer.Option("tiny", "--preset", help="tiny (CPU minutes), small, paper"),
     guidance: str = typer.Option("bpr", "--guidance", help="bpr, none, random or physical"),
     attention: str = typer.Option("planned", "--attention", help="planned (per plans) or none (pure convolution)"),
     device: str = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda or cuda:N"),
     resume: bool = typer.Option(False, "--c", "--continue", help="resume from checkpoint_latest (may extend steps)"),
-    diffusion_steps: int | None = typer.Option(None, "--diffusion_steps", help="override the preset's step budget"),
-    bpr_steps: int | None = typer.Option(None, "--bpr_steps", help="override the preset's BPR step budget"),
-    batch_size: int | None = typer.Option(None, "--batch_size", help="override the preset's batch size"),
+    diffusion_steps: int | None = typer.Option(None, "--diffusion_steps", help="override the planned diffusion steps"),
+    bpr_steps: int | None = typer.Option(None, "--bpr_steps", help="override the planned BPR steps"),
+    batch_size: int | None = typer.Option(None, "--batch_size", help="override the planned batch size"),
     lr: float | None = typer.Option(None, "--lr", help="override the diffusion learning rate"),
     num_workers: int | None = typer.Option(None, "--num_workers", help="data-loading processes"),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint_every",
-                                                help="save checkpoint_latest every N steps (default: the preset's)"),
+                                                help="save checkpoint_latest every N steps (default: planned)"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the denoiser (GPU)"),
     channels_last: bool | None = typer.Option(None, "--channels_last/--no_channels_last",
-                                              help="channels_last_3d memory format (default: on, the preset's)"),
+                                              help="channels_last_3d memory format (default: planned, on)"),
 ) -> None:
-    """Train the Body Part Regressor, then the BPR-guided 3D diffusion model, on unlabelled CT."""
+    """Train the Body Part Regressor, then the BPR-guided 3D diffusion model, on unlabelled CT.
+
+    Networks, patch, batch and step budgets come from the dataset's plans.json (choose the size
+    with `plan_and_preprocess --size_class` or `--budget_minutes`); the flags below override
+    single training values for this run and are recorded in the model's model.json."""
     from diffprobe.pretraining.pretrain import pretrain
 
     overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "batch_size": batch_size,
                  "diffusion_lr": lr, "num_workers": num_workers, "checkpoint_every": checkpoint_every,
                  "compile": compile_model or None,
                  "channels_last": channels_last}
-    result = pretrain(dataset, name=name, stage=stage, preset=preset, guidance=guidance, attention=attention,
+    result = pretrain(dataset, name=name, stage=stage, guidance=guidance, attention=attention,
                       device=device, resume=resume, overrides=overrides, seed=seed)
     console.print(f"[green]done[/] stages {', '.join(result.stages_run) or '(none)'}: {result.model_dir}",
                   highlight=False)

@@ -24,8 +24,9 @@ import numpy as np
 from diffprobe import __version__
 from diffprobe.diffusion import schedule as sch
 from diffprobe.fingerprint import AXIS_ORDER
+from diffprobe.planning import size_classes
 
-PLANS_VERSION = 1
+PLANS_VERSION = 2
 ANISOTROPY_THRESHOLD = 3.0
 DEFAULT_PATCH_ZYX = (32, 128, 128)  # the paper's 128x128x32 (x, y, z)
 DEFAULT_MEMORY_TARGET_GB = 8.0
@@ -103,14 +104,15 @@ def estimate_memory_gb(levels: list[dict], blocks_per_level: int = BLOCKS_PER_LE
 
 
 def _fit_patch(aim: list[int], cap: list[int], spacing: list[float], memory_gb: float,
-               base_channels: int, max_channels: int) -> tuple[list[int], list[dict]]:
+               base_channels: int, max_channels: int, max_levels: int = MAX_LEVELS,
+               blocks: int = BLOCKS_PER_LEVEL) -> tuple[list[int], list[dict]]:
     patch = [max(MIN_FEATURE_SIZE, min(a, c)) for a, c in zip(aim, cap)]
     for _ in range(200):
-        levels = topology(patch, spacing, base_channels=base_channels, max_channels=max_channels)
+        levels = topology(patch, spacing, max_levels, base_channels, max_channels)
         stride = total_stride(levels)
         rounded = [max(k, (p // k) * k) for p, k in zip(patch, stride)]
-        levels = topology(rounded, spacing, base_channels=base_channels, max_channels=max_channels)
-        if estimate_memory_gb(levels) <= memory_gb or max(rounded) <= MIN_FEATURE_SIZE:
+        levels = topology(rounded, spacing, max_levels, base_channels, max_channels)
+        if estimate_memory_gb(levels, blocks) <= memory_gb or max(rounded) <= MIN_FEATURE_SIZE:
             return rounded, levels
         # shrink the axis that is largest relative to the aim's aspect ratio
         rel = [p / a for p, a in zip(rounded, aim)]
@@ -120,26 +122,46 @@ def _fit_patch(aim: list[int], cap: list[int], spacing: list[float], memory_gb: 
     return rounded, levels
 
 
-def plan(fingerprint: dict, *, patch_size: list[int] | None = None, target_spacing_override: list[float] | None = None,
-         batch_size: int | None = None, memory_target_gb: float = DEFAULT_MEMORY_TARGET_GB,
-         schedule: str = "linear", num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-         noise_levels: list[float] | None = None, timesteps: list[int] | None = None,
-         ct_window: tuple[float, float] = DEFAULT_CT_WINDOW, base_channels: int = BASE_CHANNELS,
-         max_channels: int = MAX_CHANNELS) -> dict:
-    """Build the plans dict from a fingerprint. All shapes are (z, y, x)."""
+def plan(fingerprint: dict, *, size_class: str = "paper", patch_size: list[int] | None = None,
+         target_spacing_override: list[float] | None = None, batch_size: int | None = None,
+         memory_target_gb: float = DEFAULT_MEMORY_TARGET_GB, schedule: str = "linear", num_timesteps: int = 1000,
+         beta_start: float = 1e-4, beta_end: float = 0.02, noise_levels: list[float] | None = None,
+         timesteps: list[int] | None = None, ct_window: tuple[float, float] | list[float] = DEFAULT_CT_WINDOW,
+         base_channels: int | None = None, max_channels: int | None = None, max_levels: int | None = None,
+         blocks_per_level: int | None = None, training: dict | None = None, budget: dict | None = None) -> dict:
+    """Build the plans dict from a fingerprint. All shapes are (z, y, x).
+
+    The keyword arguments are the planner's *inputs*; they are recorded under ``planner_inputs``
+    so that a later flag or override re-plans from the same inputs with one of them changed,
+    and every value derived from it (topology from patch, timesteps from schedule and window)
+    follows. ``training`` deep-merges into the size class's step budgets (compute-budget planning
+    passes its chosen step counts here; ``budget`` records how they were chosen).
+    """
+    inputs = {k: v for k, v in dict(
+        size_class=size_class, patch_size=patch_size, target_spacing_override=target_spacing_override,
+        batch_size=batch_size, memory_target_gb=memory_target_gb, schedule=schedule, num_timesteps=num_timesteps,
+        beta_start=beta_start, beta_end=beta_end, noise_levels=noise_levels, timesteps=timesteps,
+        ct_window=list(ct_window), base_channels=base_channels, max_channels=max_channels, max_levels=max_levels,
+        blocks_per_level=blocks_per_level, training=training, budget=budget).items() if v is not None}
+    cls = size_classes.size_class(size_class)
+    base_channels = int(base_channels or cls["base_channels"])
+    max_channels = int(max_channels or cls["max_channels"])
+    max_levels = int(max_levels or cls["max_levels"])
+    blocks = int(blocks_per_level or cls["blocks_per_level"])
     spacings = np.asarray(fingerprint["spacings"], dtype=float)
     after = np.asarray(fingerprint["shapes_after_crop"], dtype=float)
     spacing = [float(v) for v in target_spacing_override] if target_spacing_override else \
         target_spacing(spacings, after)
     median_shape = np.median(after * spacings / np.asarray(spacing), axis=0)
-    aim = list(patch_size) if patch_size else list(DEFAULT_PATCH_ZYX)
+    aim = list(patch_size) if patch_size else list(cls["patch_aim"])
     cap = aim if patch_size else [int(math.ceil(s)) for s in median_shape]
-    patch, levels = _fit_patch(aim, cap, spacing, memory_target_gb, base_channels, max_channels)
+    patch, levels = _fit_patch(aim, cap, spacing, memory_target_gb, base_channels, max_channels, max_levels, blocks)
     if patch_size:
-        levels = topology(patch_size, spacing, base_channels=base_channels, max_channels=max_channels)
+        levels = topology(patch_size, spacing, max_levels, base_channels, max_channels)
         patch = list(patch_size)
-    mem = estimate_memory_gb(levels)
-    batch = batch_size or int(max(1, min(MAX_BATCH, memory_target_gb // max(mem, 1e-9))))
+    mem = estimate_memory_gb(levels, blocks)
+    memory_batch = int(max(1, min(MAX_BATCH, memory_target_gb // max(mem, 1e-9))))
+    batch = int(batch_size or min(cls["batch_size"], memory_batch))
     normalization = {}
     for c, name in fingerprint["channel_names"].items():
         if name.strip().lower() == "ct":
@@ -153,11 +175,16 @@ def plan(fingerprint: dict, *, patch_size: list[int] | None = None, target_spaci
         else:
             normalization[c] = {"scheme": "zscore_per_image",
                                 "why": "non-CT intensities have no absolute scale; per-image z-score"}
-    plans = {
+    train = _deep_merge(cls["training"], training or {})
+    train["bpr"].update({"width": int(cls["bpr_width"]), "crop": list(patch)})
+    train["budget"] = budget
+    return {
         "plans_version": PLANS_VERSION,
         "diffprobe_version": __version__,
         "dataset": fingerprint["dataset"],
         "axis_order": AXIS_ORDER + ". Every shape, spacing and patch size in this file uses it.",
+        "size_class": size_class,
+        "planner_inputs": inputs,
         "fingerprint_summary": {
             "median_spacing": fingerprint["median_spacing"],
             "median_shape_at_target_spacing": [round(float(v), 1) for v in median_shape],
@@ -179,16 +206,26 @@ def plan(fingerprint: dict, *, patch_size: list[int] | None = None, target_spaci
         "network": {
             "input_channels": len(fingerprint["channel_names"]),
             "guidance_channels": 3,
-            "blocks_per_level": BLOCKS_PER_LEVEL,
+            "base_channels": base_channels,
+            "max_channels": max_channels,
+            "max_levels": max_levels,
+            "blocks_per_level": blocks,
             "total_stride": total_stride(levels),
             "levels": levels,
         },
         "diffusion": plan_diffusion(normalization, schedule, num_timesteps, beta_start, beta_end,
                                     noise_levels, timesteps),
+        "training": train,
         "labels": dict(fingerprint["labels"]),
         "channel_names": dict(fingerprint["channel_names"]),
     }
-    return plans
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def intensity_scale(normalization: dict) -> float:
@@ -216,8 +253,16 @@ def plan_diffusion(normalization: dict, schedule: str = "linear", num_timesteps:
     ref_levels = list(noise_levels) if noise_levels else sch.reference_noise_levels()
     scale = intensity_scale(normalization)
     targets = [lv / scale for lv in ref_levels]
-    chosen = list(timesteps) if timesteps else sch.timesteps_for_noise(targets, abar)
+    if timesteps and not all(0 <= int(t) < num_timesteps for t in timesteps):
+        from diffprobe.errors import DiffprobeError
+
+        raise DiffprobeError(f"feature timesteps {list(timesteps)} must lie in [0, {num_timesteps - 1}]",
+                             fix=f"choose timesteps below the schedule's {num_timesteps} steps")
+    chosen = [int(t) for t in timesteps] if timesteps else sch.timesteps_for_noise(targets, abar)
     stds = [float(sch.noise_std(abar, t)) for t in chosen]
+    if timesteps:  # the levels recorded are those of the timesteps actually used, so a re-plan keeps them
+        ref_levels = [s * scale for s in stds]
+        targets = stds
     return {
         **sched,
         "prediction": "epsilon",

@@ -17,20 +17,21 @@ from pathlib import Path, PurePosixPath
 
 from diffprobe import paths
 from diffprobe.errors import DiffprobeError
-from diffprobe.pretraining.pretrain import MODEL_FORMAT, model_dir
+from diffprobe.pretraining.pretrained_model import BPR_CKPT, DENOISER_CKPT, MODEL_FORMAT, PretrainedModel
 from diffprobe.training.checkpoint import load_checkpoint
 from diffprobe.utils import atomic_path, read_json
 
-MEMBERS = ("model.json", "bpr/checkpoint_final.pt", "diffusion/checkpoint_final.pt", "bpr_coordinates.png",
+MEMBERS = ("model.json", BPR_CKPT, DENOISER_CKPT, "bpr_coordinates.png",
            "bpr/loss_curve.png", "diffusion/loss_curve.png")
 
 
 def export_model(name: str, output: str | Path) -> Path:
     """Zip the pretrained model ``name`` into ``output`` (atomically); the name must be a plain folder name."""
-    src = model_dir(paths.check_name(name))
-    if not (src / "model.json").is_file():
+    model = PretrainedModel(name)
+    src = model.folder
+    if not model.exists:
         raise DiffprobeError(f"no pretrained model named '{name}'", src, "see `ls` of results/pretrained")
-    if not (src / "diffusion" / "checkpoint_final.pt").is_file():
+    if not model.denoiser_checkpoint.is_file():
         raise DiffprobeError("the diffusion stage of this model has not finished", src,
                              "finish it with `diffprobe pretrain --name NAME --c`")
     output = Path(output)
@@ -98,7 +99,7 @@ def install_model(archive: str | Path, name: str | None = None, force: bool = Fa
             if not isinstance(meta, dict):
                 raise DiffprobeError("the archive's model.json holds no JSON object", archive,
                                      "export the model again")
-            for ckpt in ("diffusion/checkpoint_final.pt", "bpr/checkpoint_final.pt"):
+            for ckpt in (DENOISER_CKPT, BPR_CKPT):
                 if (tmp / ckpt).is_file():
                     load_checkpoint(tmp / ckpt)  # weights_only=True: refuses pickled objects
             if meta.get("format") != MODEL_FORMAT:

@@ -1,15 +1,15 @@
 """``diffprobe pretrain``: BPR, then BPR-guided diffusion, into a named pretrained model.
 
-Layout of ``<results root>/pretrained/<name>/``:
-``model.json`` (datasets, preset, guidance, attention, the reference plans), ``bpr/`` and
-``diffusion/`` (trainer outputs: checkpoints, log, loss curve), ``bpr_maps/<dataset>/<case>.b2nd``
-(BPR coordinates of every training volume, (3, z, y, x) float16) and ``bpr_coordinates.png``.
-The first dataset's plans are the reference (spacing, normalisation, diffusion schedule).
+Everything trained is built from the dataset's plans.json (network, patch, batch, schedule,
+step budgets: see docs/plans.md); the flags given here (``--diffusion_steps`` ...) override
+single training values for this run. The plans actually used are snapshotted into the
+model's ``model.json``, so probing and prediction rebuild exactly the trained networks.
+The folder layout is owned by :class:`~diffprobe.pretraining.pretrained_model.PretrainedModel`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,23 +19,35 @@ import numpy as np
 import torch
 
 from diffprobe import __version__, paths
-from diffprobe.bpr import BodyPartRegressor, bpr_losses, collate_pairs, predict_coordinates, sample_crop_pair
+from diffprobe.bpr import BodyPartRegressor, bpr_losses, collate_pairs, sample_crop_pair
 from diffprobe.devices import resolve_device
 from diffprobe.diffusion import GaussianDiffusion
 from diffprobe.errors import DiffprobeError
-from diffprobe.models import DiffusionUNet
+from diffprobe.guidance import GUIDANCE_MODES
+from diffprobe.planning.compat import data_differences
+from diffprobe.planning.view import Plans
 from diffprobe.preprocessing.access import preprocessed_cases
-from diffprobe.preprocessing.storage import load_array, open_array, save_array
+from diffprobe.preprocessing.storage import load_array, open_array
 from diffprobe.pretraining import data as pdata
-from diffprobe.pretraining.presets import resolve_preset
+from diffprobe.pretraining.bpr_maps import with_bpr_maps, write_bpr_maps
+from diffprobe.pretraining.pretrained_model import MODEL_FORMAT, PretrainedModel, build_denoiser
 from diffprobe.training import distributed as dist_utils
-from diffprobe.training.checkpoint import load_state_checked
 from diffprobe.training.trainer import Trainer, TrainerConfig
 from diffprobe.utils import read_json, write_json
 
 STAGES = ("bpr", "diffusion", "all")
 BPR_SCALE_PER_MM = 0.01  # anchored scale: 100 mm = 1 coordinate unit
-MODEL_FORMAT = 1
+__all__ = ["MODEL_FORMAT", "PretrainResult", "pretrain", "model_dir", "available_datasets", "collect_volumes"]
+
+# pretrain's flags -> the plans key they override (a path in plans.json)
+RUN_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "diffusion_steps": ("training", "diffusion", "steps"), "diffusion_lr": ("training", "diffusion", "lr"),
+    "bpr_steps": ("training", "bpr", "steps"), "bpr_lr": ("training", "bpr", "lr"),
+    "batch_size": ("batch_size",), "num_workers": ("training", "num_workers"),
+    "checkpoint_every": ("training", "checkpoint_every"), "compile": ("training", "compile"),
+    "channels_last": ("training", "channels_last"), "warmup_steps": ("training", "diffusion", "warmup_steps"),
+    "ema_decay": ("training", "diffusion", "ema_decay"),
+}
 
 
 @dataclass
@@ -46,8 +58,8 @@ class PretrainResult:
 
 
 def model_dir(name: str) -> Path:
-    # a plain folder name only: "--name ../x" must not write (or read) outside results/pretrained
-    return paths.results_root() / "pretrained" / paths.check_name(name)
+    """The folder of the pretrained model ``name`` (see PretrainedModel)."""
+    return PretrainedModel(name).folder
 
 
 def available_datasets() -> list[str]:
@@ -58,16 +70,47 @@ def available_datasets() -> list[str]:
 
 
 def collect_volumes(datasets: list[str]) -> tuple[list[pdata.VolumeRef], dict, list[str]]:
+    """Every preprocessed volume of the datasets, the first dataset's plans (the reference) and the names.
+
+    Refuses datasets whose spacing, normalisation or channels differ from the first one: a
+    model trained on both would see two intensity or size scales for the same anatomy.
+    """
     refs: list[pdata.VolumeRef] = []
     reference_plans: dict | None = None
     names = []
     for spec in datasets:
         data_dir, plans, ids = preprocessed_cases(spec)
+        name = data_dir.parent.parent.name
+        if reference_plans is not None:
+            diffs = data_differences(reference_plans, plans)
+            if diffs:
+                raise DiffprobeError(f"{name} cannot be pretrained together with {names[0]}: " + "; ".join(diffs),
+                                     data_dir.parent / "plans.json",
+                                     f"plan both alike, e.g. `diffprobe plan_and_preprocess -d {name} --target_spacing "
+                                     f"{' '.join(str(v) for v in reference_plans['preprocessing']['target_spacing'])}"
+                                     "`, or pretrain them separately")
         reference_plans = reference_plans or plans
-        names.append(data_dir.parent.parent.name)
+        names.append(name)
         refs.extend(pdata.volume_refs(data_dir, ids))
     assert reference_plans is not None
     return refs, reference_plans, names
+
+
+def run_plans(plans: dict, overrides: dict[str, Any] | None) -> dict:
+    """The plans this run trains with: the dataset's, with the run's flags applied to their keys."""
+    out = copy.deepcopy(plans)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in RUN_OVERRIDES:
+            raise DiffprobeError(f"unknown pretraining override '{key}'", fix=f"use one of {', '.join(RUN_OVERRIDES)}"
+                                 "; network and patch are planned: `diffprobe plan_and_preprocess --override ...`")
+        node = out
+        *parents, last = RUN_OVERRIDES[key]
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    return out
 
 
 # ---- BPR ------------------------------------------------------------------------------------
@@ -105,39 +148,25 @@ def _bpr_loss(model, batch, step: int, seed: int, total_stride):
     return losses["total"], {k: float(v.detach()) for k, v in losses.items() if k != "total"}
 
 
-def train_bpr(volumes, cfg: dict, out: Path, device: torch.device, resume: bool, seed: int,
+def train_bpr(volumes, plans: Plans, out: Path, device: torch.device, resume: bool, seed: int,
               show_progress: bool) -> tuple[BodyPartRegressor, list]:
+    """Train the BPR as planned (``training.bpr``: steps, lr, width, crop)."""
     torch.manual_seed(seed)  # the initial weights: same seed, same model (a resumed run loads them instead)
-    model = BodyPartRegressor(width=cfg["bpr_width"])
-    crop = [max(k, (c // k) * k) for c, k in zip(cfg["bpr_crop"], model.total_stride)]
-    tcfg = TrainerConfig(total_steps=cfg["bpr_steps"], lr=cfg["bpr_lr"], warmup_steps=cfg["warmup_steps"],
-                         checkpoint_every=cfg["checkpoint_every"], seed=seed, samples_per_step=2 * cfg["batch_size"],
-                         extra={"stage": "bpr", "width": cfg["bpr_width"], "crop": crop})
+    cfg, train = plans.stage("bpr"), plans.training
+    model = BodyPartRegressor(width=int(cfg["width"]))
+    crop = [max(k, (c // k) * k) for c, k in zip(cfg["crop"], model.total_stride)]
+    warmup = cfg.get("warmup_steps", train["diffusion"]["warmup_steps"])
+    tcfg = TrainerConfig(total_steps=int(cfg["steps"]), lr=float(cfg["lr"]), warmup_steps=int(warmup),
+                         checkpoint_every=int(train["checkpoint_every"]), seed=seed,
+                         samples_per_step=2 * plans.batch_size,
+                         extra={"stage": "bpr", "width": int(cfg["width"]), "crop": crop})
     trainer = Trainer(model, functools.partial(_bpr_loss, seed=seed, total_stride=model.total_stride), tcfg,
                       out / "bpr", device, name="bpr")
     if resume:
         trainer.resume()
-    source = BprBatches(volumes, crop, max(2, cfg["batch_size"]), seed, dist_utils.rank())
-    hist = trainer.fit(lambda start: pdata.loader(source, start, cfg["num_workers"]), show_progress)
+    source = BprBatches(volumes, crop, max(2, plans.batch_size), seed, dist_utils.rank())
+    hist = trainer.fit(lambda start: pdata.loader(source, start, int(train["num_workers"])), show_progress)
     return model, hist
-
-
-def with_bpr_maps(volumes: list[pdata.VolumeRef], out: Path) -> list[pdata.VolumeRef]:
-    """The volumes with their BPR map paths: ``<model>/bpr_maps/<dataset>/<case>.b2nd``."""
-    return [dataclasses.replace(v, guidance_path=out / "bpr_maps" / v.data_dir.parent.parent.name /
-                                f"{v.identifier}.b2nd") for v in volumes]
-
-
-def write_bpr_maps(model: BodyPartRegressor, volumes: list[pdata.VolumeRef], crop: list[int], out: Path,
-                   device: torch.device) -> list[pdata.VolumeRef]:
-    """Coordinates of every volume, computed once per volume (skipped when already written)."""
-    model = model.to(device).eval()
-    refs = with_bpr_maps(volumes, out)
-    for ref in refs:
-        if not ref.guidance_path.is_file():
-            coords = predict_coordinates(model, load_array(ref.data_path), tuple(crop))
-            save_array(coords.cpu().numpy().astype(np.float16), ref.guidance_path, None)
-    return refs
 
 
 # ---- diffusion -----------------------------------------------------------------------------
@@ -153,20 +182,17 @@ def _diffusion_loss(model, batch, step: int, diffusion: GaussianDiffusion, seed:
     return diffusion.training_loss(model, x0, guidance, t, noise), {}
 
 
-def build_denoiser(cfg: dict, plans: dict, guidance: str, attention: str) -> DiffusionUNet:
-    return DiffusionUNet(plans["network"]["input_channels"], 0 if guidance == "none" else 3, cfg["levels"],
-                         cfg["blocks_per_level"], attention)
-
-
-def train_diffusion(volumes, cfg: dict, plans: dict, guidance: str, attention: str, out: Path,
-                    device: torch.device, resume: bool, seed: int, show_progress: bool) -> tuple[DiffusionUNet, list]:
+def train_diffusion(volumes, plans: Plans, guidance: str, attention: str, out: Path,
+                    device: torch.device, resume: bool, seed: int, show_progress: bool) -> tuple[torch.nn.Module, list]:
+    """Train the denoiser as planned (network, patch, batch, schedule, ``training.diffusion``)."""
     torch.manual_seed(seed)  # the initial weights: same seed, same model, whether or not BPR ran in this process
-    model = build_denoiser(cfg, plans, guidance, attention)
-    diffusion = GaussianDiffusion.from_plans(plans)
-    tcfg = TrainerConfig(total_steps=cfg["diffusion_steps"], lr=cfg["diffusion_lr"],
-                         warmup_steps=cfg["warmup_steps"], ema_decay=cfg["ema_decay"],
-                         checkpoint_every=cfg["checkpoint_every"], seed=seed, samples_per_step=cfg["batch_size"],
-                         compile=cfg.get("compile", False), channels_last=cfg.get("channels_last", False),
+    model = build_denoiser(plans, guidance, attention)
+    diffusion = GaussianDiffusion.from_plans(plans.raw)
+    cfg, train = plans.stage("diffusion"), plans.training
+    tcfg = TrainerConfig(total_steps=int(cfg["steps"]), lr=float(cfg["lr"]), warmup_steps=int(cfg["warmup_steps"]),
+                         ema_decay=float(cfg["ema_decay"]), checkpoint_every=int(train["checkpoint_every"]), seed=seed,
+                         samples_per_step=plans.batch_size, compile=bool(train.get("compile", False)),
+                         channels_last=bool(train.get("channels_last", False)),
                          extra={"stage": "diffusion", "guidance": guidance, "attention": attention})
     rank = dist_utils.rank()
     loss = functools.partial(_diffusion_loss, diffusion=diffusion, seed=seed, rank=rank,
@@ -174,66 +200,80 @@ def train_diffusion(volumes, cfg: dict, plans: dict, guidance: str, attention: s
     trainer = Trainer(model, loss, tcfg, out / "diffusion", device, name="diffusion")
     if resume:
         trainer.resume()
-    source = pdata.PatchBatches(volumes, cfg["patch_size"], cfg["batch_size"], guidance, True, seed, rank)
-    hist = trainer.fit(lambda start: pdata.loader(source, start, cfg["num_workers"]), show_progress)
+    source = pdata.PatchBatches(volumes, plans.patch_size, plans.batch_size, guidance, True, seed, rank)
+    hist = trainer.fit(lambda start: pdata.loader(source, start, int(train["num_workers"])), show_progress)
     return model, hist
 
 
-def pretrain(datasets: list[str] | None = None, name: str = "default", stage: str = "all", preset: str = "tiny",
+def _check_resume(old: dict, meta: dict, meta_path: Path) -> None:
+    """--c must continue the same model: same guidance, attention, network and schedule."""
+    if old.get("format") != MODEL_FORMAT:
+        raise DiffprobeError(f"pretrained model format {old.get('format')!r} cannot be continued by this version",
+                             meta_path, "pretrain under a new --name")
+    if old["guidance"] != meta["guidance"] or old["attention"] != meta["attention"]:
+        raise DiffprobeError("--c must use the same --guidance and --attention as the original run", meta_path,
+                             f"rerun with --guidance {old['guidance']} --attention {old['attention']}")
+    changed = [k for k in ("network", "patch_size", "diffusion", "preprocessing")
+               if old["plans"].get(k) != meta["plans"].get(k)]
+    if changed:
+        raise DiffprobeError(f"the dataset was re-planned since this model was started ({', '.join(changed)} "
+                             "changed)", meta_path, "pretrain under a new --name, or restore the plans the model "
+                             "was trained with (its model.json holds them)")
+
+
+def pretrain(datasets: list[str] | None = None, name: str = "default", stage: str = "all",
              guidance: str = "bpr", attention: str = "planned", device: str = "auto", resume: bool = False,
              overrides: dict[str, Any] | None = None, seed: int = 0, show_progress: bool = True) -> PretrainResult:
-    """Pretrain BPR and/or the diffusion model on the given preprocessed datasets (default: all)."""
+    """Pretrain BPR and/or the diffusion model on the given preprocessed datasets (default: all).
+
+    The networks, patch, batch and step budgets come from the first dataset's plans.json;
+    ``overrides`` (keys of :data:`RUN_OVERRIDES`) change single training values for this run.
+    """
     if stage not in STAGES:
         raise DiffprobeError(f"unknown stage '{stage}'", fix=f"use one of {', '.join(STAGES)}")
-    if guidance not in pdata.GUIDANCE_MODES:
-        raise DiffprobeError(f"unknown guidance '{guidance}'", fix=f"use one of {', '.join(pdata.GUIDANCE_MODES)}")
+    if guidance not in GUIDANCE_MODES:
+        raise DiffprobeError(f"unknown guidance '{guidance}'", fix=f"use one of {', '.join(GUIDANCE_MODES)}")
+    model = PretrainedModel(name)
     datasets = list(datasets or available_datasets())
     if not datasets:
         raise DiffprobeError("no preprocessed dataset found", paths.preprocessed_root(),
                              "run `diffprobe plan_and_preprocess -d <id>` first")
     dev = dist_utils.init_from_env(resolve_device(device))
-    volumes, plans, names = collect_volumes(datasets)
-    cfg = resolve_preset(plans, preset, overrides)
-    out = model_dir(name)
-    meta_path = out / "model.json"
-    if meta_path.is_file() and not resume:
+    volumes, dataset_plans, names = collect_volumes(datasets)
+    plans = Plans(run_plans(dataset_plans, overrides))
+    out = model.folder
+    if model.exists and not resume:
         raise DiffprobeError(f"a pretrained model named '{name}' already exists", out,
                              "continue it with --c, or choose another --name")
-    if meta_path.is_file():
-        old = read_json(meta_path)
-        if old["guidance"] != guidance or old["attention"] != attention or old["preset"]["preset"] != preset:
-            raise DiffprobeError("--c must use the same --guidance, --attention and --preset as the original run",
-                                 meta_path, f"rerun with --guidance {old['guidance']} --attention {old['attention']} "
-                                 f"--preset {old['preset']['preset']}")
     meta = {"format": MODEL_FORMAT, "diffprobe_version": __version__, "name": name, "datasets": names,
-            "guidance": guidance, "attention": attention, "preset": cfg, "seed": seed, "plans": plans}
+            "guidance": guidance, "attention": attention, "seed": seed, "plans": plans.raw}
+    if model.exists:
+        _check_resume(read_json(model.meta_path), meta, model.meta_path)
     if dist_utils.is_main_process():
-        write_json(meta_path, meta)
+        write_json(model.meta_path, meta)
     result = PretrainResult(out)
     run_bpr = stage in ("bpr", "all") and guidance == "bpr"
     if run_bpr:
-        bpr_model, result.histories["bpr"] = train_bpr(volumes, cfg, out, dev, resume, seed, show_progress)
+        _, result.histories["bpr"] = train_bpr(volumes, plans, out, dev, resume, seed, show_progress)
         result.stages_run.append("bpr")
     if guidance == "bpr" and stage in ("diffusion", "all"):
-        if not run_bpr:
-            bpr_model = load_bpr(out, dev)
-        crop = bpr_crop(out)
+        bpr_model, crop = model.load_bpr(dev)
         if dist_utils.is_main_process():
             volumes = write_bpr_maps(bpr_model, volumes, crop, out, dev)
             from diffprobe.pretraining.plots import plot_bpr_coordinates
 
             plot_bpr_coordinates(volumes[0], out / "bpr_coordinates.png")
-            _write_bpr_consistency(volumes, plans, out)
+            _write_bpr_consistency(volumes, out)
         dist_utils.barrier()
         volumes = with_bpr_maps(volumes, out)
     if stage in ("diffusion", "all"):
-        _, result.histories["diffusion"] = train_diffusion(volumes, cfg, plans, guidance, attention, out, dev,
+        _, result.histories["diffusion"] = train_diffusion(volumes, plans, guidance, attention, out, dev,
                                                            resume, seed, show_progress)
         result.stages_run.append("diffusion")
     return result
 
 
-def _write_bpr_consistency(volumes: list[pdata.VolumeRef], plans: dict, out: Path) -> dict | None:
+def _write_bpr_consistency(volumes: list[pdata.VolumeRef], out: Path) -> dict | None:
     """Organ-centroid spread in BPR vs array coordinates on the labelled training volumes."""
     from diffprobe.bpr.evaluate import organ_centroid_spread
 
@@ -248,25 +288,3 @@ def _write_bpr_consistency(volumes: list[pdata.VolumeRef], plans: dict, out: Pat
             data_dir, [r.identifier for r in refs], maps, labels, BPR_SCALE_PER_MM)
     write_json(out / "bpr_consistency.json", report)
     return report
-
-
-def _bpr_checkpoint(out: Path, device: torch.device | str = "cpu") -> dict:
-    from diffprobe.training.checkpoint import load_checkpoint
-
-    path = out / "bpr" / "checkpoint_final.pt"
-    if not path.is_file():
-        raise DiffprobeError("the BPR stage has not finished for this model", path,
-                             "run `diffprobe pretrain --stage bpr` (or --stage all) first")
-    return load_checkpoint(path, device)
-
-
-def bpr_crop(out: Path) -> list[int]:
-    """The crop the BPR was trained on (the preset's, rounded to its stride): its inference window."""
-    return [int(c) for c in _bpr_checkpoint(out)["config"]["extra"]["crop"]]
-
-
-def load_bpr(out: Path, device: torch.device | str = "cpu") -> BodyPartRegressor:
-    ckpt = _bpr_checkpoint(out, device)
-    model = BodyPartRegressor(width=int(ckpt["config"]["extra"]["width"]))
-    load_state_checked(model, ckpt["model"], out / "bpr", "diffprobe pretrain")
-    return model.to(device).eval()

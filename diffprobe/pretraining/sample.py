@@ -14,38 +14,30 @@ import torch
 
 from diffprobe.diffusion import GaussianDiffusion
 from diffprobe.errors import DiffprobeError
-from diffprobe.models import DiffusionUNet
 from diffprobe.preprocessing.access import preprocessed_cases
 from diffprobe.pretraining import data as pdata
-from diffprobe.pretraining.pretrain import build_denoiser, model_dir, with_bpr_maps
-from diffprobe.training.checkpoint import load_checkpoint, load_state_checked
-from diffprobe.utils import read_json, save_figure
+from diffprobe.pretraining.bpr_maps import with_bpr_maps
+from diffprobe.pretraining.pretrained_model import PretrainedModel
+from diffprobe.utils import save_figure
 
 
-def load_denoiser(name: str, device: str | torch.device = "cpu", use_ema: bool = True) -> tuple[DiffusionUNet, dict]:
+def load_denoiser(name: str, device: str | torch.device = "cpu", use_ema: bool = True) -> tuple[torch.nn.Module, dict]:
     """The pretrained denoiser (EMA weights by default) and its model.json."""
-    out = model_dir(name)
-    meta_path = out / "model.json"
-    if not meta_path.is_file():
-        raise DiffprobeError(f"no pretrained model named '{name}'", out, "run `diffprobe pretrain --name NAME` first")
-    meta = read_json(meta_path)
-    ckpt = load_checkpoint(out / "diffusion" / "checkpoint_final.pt", device)
-    model = build_denoiser(meta["preset"], meta["plans"], meta["guidance"], meta["attention"])
-    load_state_checked(model, ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"],
-                       out / "diffusion" / "checkpoint_final.pt", "diffprobe pretrain")
-    return model.to(device).eval(), meta
+    model = PretrainedModel(name)
+    return model.load_denoiser(device, use_ema), model.meta
 
 
 def sample_patches(name: str, num: int = 4, method: str = "ddim", steps: int = 50, seed: int = 0,
                    device: str = "cpu", output: Path | None = None) -> Path:
     """Generate ``num`` patches (DDPM or DDIM) and save a PNG of real vs generated centre slices."""
-    model, meta = load_denoiser(name, device)
+    pretrained = PretrainedModel(name)
+    model, meta = pretrained.load_denoiser(device), pretrained.meta
     plans = meta["plans"]
     data_dir, _, ids = preprocessed_cases(meta["datasets"][0])
     refs = pdata.volume_refs(data_dir, ids)
     if meta["guidance"] == "bpr":
-        refs = with_bpr_maps(refs, model_dir(name))
-    real = pdata.PatchBatches(refs, meta["preset"]["patch_size"], num, meta["guidance"], augment=False,
+        refs = with_bpr_maps(refs, pretrained.folder)
+    real = pdata.PatchBatches(refs, plans["patch_size"], num, meta["guidance"], augment=False,
                               seed=seed).batch(0)
     guidance = real["guidance"].to(device) if real["guidance"] is not None else None
     diffusion = GaussianDiffusion.from_plans(plans)
@@ -58,7 +50,7 @@ def sample_patches(name: str, num: int = 4, method: str = "ddim", steps: int = 5
             fake = diffusion.ddim_sample(model, shape, guidance, steps=steps, generator=g, device=device)
         else:
             raise DiffprobeError(f"unknown sampling method '{method}'", fix="use ddpm or ddim")
-    output = output or model_dir(name) / f"samples_{method}.png"
+    output = output or pretrained.folder / f"samples_{method}.png"
     _plot(real["image"].numpy(), fake.cpu().numpy(), output, f"{name}: real (top) vs {method} samples (bottom)")
     return output
 

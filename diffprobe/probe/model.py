@@ -8,7 +8,6 @@ weights; with ``--finetune`` also the denoiser's), training log and curves, ``va
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from diffprobe import paths
 from diffprobe.bpr import BodyPartRegressor
 from diffprobe.diffusion import GaussianDiffusion
 from diffprobe.errors import DiffprobeError
+from diffprobe.pretraining.pretrained_model import file_checksum  # noqa: F401  (re-exported)
 from diffprobe.probe.features import FeatureExtractor
 from diffprobe.probe.head import build_head
 from diffprobe.training.checkpoint import load_checkpoint, load_state_checked
@@ -45,14 +45,6 @@ def configuration_name(pretrained: str, head: str, finetune: bool) -> str:
 
 def probe_dir(dataset: str | int, configuration: str, fold: str) -> Path:
     return paths.results_dir(dataset) / configuration / f"fold_{fold}"
-
-
-def file_checksum(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def build_probe(denoiser: nn.Module, meta: dict, timesteps: list[int], levels: list[int] | None, head: str,
@@ -107,50 +99,70 @@ def _refuse_foreign_probe(folder: Path, meta: dict, meta_path: Path) -> None:
                                  f"folder back under {meta['dataset']}")
 
 
+class ProbeFolder:
+    """A trained-probe folder on disk: ``probe.json``, ``checkpoint_final.pt``, logs, ``validation/``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @classmethod
+    def of(cls, dataset: str | int, configuration: str, fold: str) -> ProbeFolder:
+        return cls(probe_dir(dataset, configuration, fold))
+
+    @property
+    def meta_path(self) -> Path:
+        return self.folder / "probe.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoint_final.pt"
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.folder / "validation"
+
+    @property
+    def finished(self) -> bool:
+        return self.meta_path.is_file() and self.checkpoint.is_file()
+
+    def read_meta(self) -> dict:
+        """probe.json, checked (format, keys, dataset it lies under)."""
+        try:
+            meta = read_json(self.meta_path)
+        except ValueError as e:
+            raise DiffprobeError(f"probe.json is not valid JSON ({e})", self.meta_path,
+                                 "retrain the probe (diffprobe train)") from None
+        if not isinstance(meta, dict):
+            raise DiffprobeError("probe.json must hold a JSON object", self.meta_path,
+                                 "retrain the probe (diffprobe train)")
+        _refuse_foreign_probe(self.folder, meta, self.meta_path)
+        return meta
+
+
 def load_trained_probe(folder: Path, device: str | torch.device = "cpu") -> TrainedProbe:
     """Rebuild a probe from its folder; refuses a pretrained model that changed since training,
     a probe from another dataset or version, and checkpoints that do not fit the network."""
-    from diffprobe.pretraining.pretrain import MODEL_FORMAT, bpr_crop, load_bpr, model_dir
-    from diffprobe.pretraining.sample import load_denoiser
+    from diffprobe.pretraining.pretrained_model import PretrainedModel
 
-    meta_path, ckpt_path = folder / "probe.json", folder / "checkpoint_final.pt"
-    if not meta_path.is_file() or not ckpt_path.is_file():
+    probe_folder = ProbeFolder(folder)
+    if not probe_folder.finished:
         raise DiffprobeError("this probe has not finished training", folder,
                              "run `diffprobe train` for it (or resume it with --c)")
-    try:
-        meta = read_json(meta_path)
-    except ValueError as e:
-        raise DiffprobeError(f"probe.json is not valid JSON ({e})", meta_path,
-                             "retrain the probe (diffprobe train)") from None
-    if not isinstance(meta, dict):
-        raise DiffprobeError("probe.json must hold a JSON object", meta_path, "retrain the probe (diffprobe train)")
-    _refuse_foreign_probe(folder, meta, meta_path)
-    pdir = model_dir(meta["pretrained"])
-    denoiser_ckpt = pdir / "diffusion" / "checkpoint_final.pt"
-    if not denoiser_ckpt.is_file():
+    meta = probe_folder.read_meta()
+    pretrained = PretrainedModel(meta["pretrained"])
+    if not pretrained.denoiser_checkpoint.is_file():
         raise DiffprobeError(f"the pretrained model '{meta['pretrained']}' this probe was trained on is missing",
-                             pdir, "install it (diffprobe install_model) or retrain the probe")
-    if not meta["finetune"] and file_checksum(denoiser_ckpt) != meta["pretrained_checksum"]:
+                             pretrained.folder, "install it (diffprobe install_model) or retrain the probe")
+    if not meta["finetune"] and pretrained.checksum() != meta["pretrained_checksum"]:
         raise DiffprobeError(f"the pretrained model '{meta['pretrained']}' changed after this probe was trained",
-                             denoiser_ckpt, "retrain the probe (diffprobe train) on the current pretrained model")
-    model_json = pdir / "model.json"
-    pformat = read_json(model_json).get("format") if model_json.is_file() else None
-    if pformat != MODEL_FORMAT:
-        raise DiffprobeError(f"pretrained model format {pformat!r} is not supported by this version "
-                             f"(it reads format {MODEL_FORMAT})", model_json,
-                             "pretrain (diffprobe pretrain) or install a model made by this diffprobe version")
-    try:
-        denoiser, pmeta = load_denoiser(meta["pretrained"], device)
-    except RuntimeError as e:
-        if "state_dict" not in str(e):
-            raise
-        raise DiffprobeError("the pretrained denoiser checkpoint does not fit its model.json (another model's "
-                             "or another version's checkpoint)", denoiser_ckpt,
-                             "reinstall the pretrained model (diffprobe install_model) or pretrain it again") from None
-    model = build_probe(denoiser, pmeta, meta["timesteps"], meta["levels"], meta["head"], meta["num_classes"],
-                        meta["config"]["width"], meta["finetune"])
-    ckpt = load_checkpoint(ckpt_path, device)
-    load_state_checked(model if meta["finetune"] else model.head, ckpt.get("model"), ckpt_path, "diffprobe train")
+                             pretrained.denoiser_checkpoint,
+                             "retrain the probe (diffprobe train) on the current pretrained model")
+    denoiser = pretrained.load_denoiser(device)
+    model = build_probe(denoiser, pretrained.meta, meta["timesteps"], meta["levels"], meta["head"],
+                        meta["num_classes"], meta["config"]["width"], meta["finetune"])
+    ckpt = load_checkpoint(probe_folder.checkpoint, device)
+    load_state_checked(model if meta["finetune"] else model.head, ckpt.get("model"), probe_folder.checkpoint,
+                       "diffprobe train")
     model = model.to(device).eval()
-    bpr = load_bpr(pdir, device) if pmeta["guidance"] == "bpr" else None
-    return TrainedProbe(folder, meta, model, bpr, bpr_crop(pdir) if bpr is not None else None)
+    bpr, crop = pretrained.load_bpr(device) if pretrained.guidance == "bpr" else (None, None)
+    return TrainedProbe(folder, meta, model, bpr, crop)

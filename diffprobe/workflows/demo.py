@@ -26,7 +26,8 @@ class DemoSize:
     num_unlabelled: int = 4
     num_test: int = 4
     fov_mm: float = 110.0
-    bpr_steps: int | None = None  # None: the tiny preset's
+    size_class: str = "tiny"  # the planner's size class: a few minutes of pretraining on 2 CPU cores
+    bpr_steps: int | None = None  # None: as planned for the size class
     diffusion_steps: int | None = None
     probe_steps: int = 1000
     probe_width: int = 16  # half the default head width: halves the probe's CPU time at equal Dice here
@@ -56,13 +57,13 @@ def _timed(result: DemoResult, stage: str, fn, *args, **kwargs):
 def _probe_and_score(result: DemoResult, pretrained: str, size: DemoSize, device: str, show: bool) -> dict:
     from diffprobe.evaluation import evaluate_folders
     from diffprobe.predict.predictor import predict
-    from diffprobe.probe.model import configuration_name, probe_dir
+    from diffprobe.probe.model import ProbeFolder, configuration_name
     from diffprobe.workflows.train_probe import train_probe
 
     config = configuration_name(pretrained, "fpn", False)
-    done = (probe_dir(1, config, "all") / "checkpoint_final.pt").is_file()
-    if not done:
-        resume = (probe_dir(1, config, "all") / "probe.json").is_file()
+    probe_folder = ProbeFolder.of(1, config, "all")
+    if not probe_folder.checkpoint.is_file():
+        resume = probe_folder.meta_path.is_file()
         _timed(result, f"train ({pretrained})", train_probe, 1, "all", pretrained, device=device, resume=resume,
                overrides={"steps": size.probe_steps, "width": size.probe_width}, show_progress=show,
                final_validation=False)
@@ -81,7 +82,8 @@ def run_demo(folder: str | Path = "diffprobe_demo", compare_random: bool = False
              device: str = "auto", show_progress: bool = True) -> DemoResult:
     """Run (or continue) the demo in ``folder``; returns the evaluation rows, timings and figures."""
     from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
-    from diffprobe.pretraining.pretrain import model_dir, pretrain
+    from diffprobe.pretraining.pretrain import pretrain
+    from diffprobe.pretraining.pretrained_model import PretrainedModel
     from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
 
     size = size or DemoSize()
@@ -93,10 +95,12 @@ def run_demo(folder: str | Path = "diffprobe_demo", compare_random: bool = False
             cfg = PhantomConfig(num_train_labelled=size.num_labelled, num_train_unlabelled=size.num_unlabelled,
                                 num_test=size.num_test, fov_mm=size.fov_mm, phase=size.phase)
             _timed(result, "make_phantoms", make_phantom_dataset, raw, cfg)
-        _timed(result, "plan_and_preprocess", plan_and_preprocess, 1, num_processes=2, show_progress=show_progress)
-        if not (model_dir("demo") / "diffusion" / "checkpoint_final.pt").is_file():
-            _timed(result, "pretrain", pretrain, ["1"], name="demo", preset="tiny", device=device,
-                   resume=(model_dir("demo") / "model.json").is_file(), show_progress=show_progress,
+        _timed(result, "plan_and_preprocess", plan_and_preprocess, 1, num_processes=2, show_progress=show_progress,
+               plan_kwargs={"size_class": size.size_class})
+        model = PretrainedModel("demo")
+        if not model.finished:
+            _timed(result, "pretrain", pretrain, ["1"], name="demo", device=device,
+                   resume=model.exists, show_progress=show_progress,
                    overrides={"bpr_steps": size.bpr_steps, "diffusion_steps": size.diffusion_steps})
         result.rows["pretrained"] = _probe_and_score(result, "demo", size, device, show_progress)
         if compare_random:

@@ -19,18 +19,13 @@ from typing import Any
 from diffprobe import paths
 from diffprobe.dataset.cases import Case, list_cases
 from diffprobe.dataset.dataset_json import DatasetInfo, load_dataset_json
+from diffprobe.errors import DiffprobeError
 from diffprobe.fingerprint import compute_fingerprint
 from diffprobe.locking import folder_lock
 from diffprobe.parallel import parallel_map
-from diffprobe.planning import planner
-from diffprobe.planning.plans import (
-    PLANS_FILENAME,
-    apply_override,
-    load_plans,
-    parse_override,
-    save_plans,
-    validate_plans,
-)
+from diffprobe.planning.plans import PLANS_FILENAME, load_plans, save_plans, validate_plans
+from diffprobe.planning.replan import replan as replan_plans
+from diffprobe.planning.size_classes import default_size_class
 from diffprobe.preprocessing.preprocess import preprocess_case, preprocessing_hash
 from diffprobe.preprocessing.storage import is_finished, save_case
 from diffprobe.utils import atomic_path, read_json, remove_interrupted_writes, write_json
@@ -74,12 +69,18 @@ def plan_and_preprocess(
     plan_kwargs: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
     show_progress: bool = True,
+    device: str = "auto",
+    budget_minutes: float | None = None,
 ) -> PreprocessReport:
     """Fingerprint, plan and preprocess one raw dataset; returns what was done.
 
     ``plan_kwargs`` are passed to :func:`diffprobe.planning.planner.plan` (e.g.
     ``{"patch_size": [32, 64, 64], "schedule": "cosine"}``); ``overrides`` are
-    ``'dotted.key=json_value'`` edits applied to the plans afterwards.
+    ``'dotted.key=json_value'`` edits. An existing plans.json is re-planned from its recorded
+    planner inputs with exactly the given ones changed (:mod:`diffprobe.planning.replan`);
+    ``clean`` plans from scratch. Without a size class or budget, the size class follows the
+    device (CPU: ``cpu``, GPU: ``paper``); ``budget_minutes`` times real training steps on the
+    device and plans the network and step budgets to fit (:mod:`diffprobe.planning.budget`).
     """
     raw_dir = paths.raw_dataset_dir(dataset)
     info = load_dataset_json(raw_dir)
@@ -87,12 +88,13 @@ def plan_and_preprocess(
     # Two runs on one dataset would race on plans.json and the case files: the second one refuses.
     with folder_lock(out, f"plan_and_preprocess of {raw_dir.name}"):
         return _plan_and_preprocess_locked(raw_dir, info, out, num_processes, clean, replan, plan_kwargs,
-                                           overrides, show_progress)
+                                           overrides, show_progress, device, budget_minutes)
 
 
 def _plan_and_preprocess_locked(raw_dir: Path, info: DatasetInfo, out: Path, num_processes: int, clean: bool,
                                 replan: bool, plan_kwargs: dict[str, Any] | None, overrides: list[str] | None,
-                                show_progress: bool) -> PreprocessReport:
+                                show_progress: bool, device: str = "auto",
+                                budget_minutes: float | None = None) -> PreprocessReport:
     cases, _ = list_cases(info, "train")
     report = PreprocessReport(out, out / PLANS_FILENAME)
     remove_interrupted_writes(out)  # of a killed run; safe: we hold the folder's lock
@@ -111,17 +113,24 @@ def _plan_and_preprocess_locked(raw_dir: Path, info: DatasetInfo, out: Path, num
         shutil.copyfile(raw_dir / "dataset.json", tmp)
 
     plans_path = out / PLANS_FILENAME
-    if plans_path.is_file() and not (replan or clean or plan_kwargs or overrides):
+    if plans_path.is_file() and not (replan or clean or plan_kwargs or overrides or budget_minutes):
         plans = load_plans(plans_path)
         report.plans_reused = True
         if not report.fingerprint_reused:
             report.notes.append("the raw data changed since plans.json was written; it was kept (it may hold "
                                 "your edits): use --replan to plan again")
     else:
-        plans = planner.plan(fingerprint, **(plan_kwargs or {}))
-        for text in overrides or []:
-            keys, value = parse_override(text)
-            apply_override(plans, keys, value)
+        previous = _previous_plans(plans_path, clean, report)
+        kwargs = dict(plan_kwargs or {})
+        if budget_minutes:
+            from diffprobe.planning.budget import plan_for_budget
+
+            kwargs.update(plan_for_budget(fingerprint, previous, kwargs, overrides, budget_minutes, device))
+        elif "size_class" not in kwargs and "size_class" not in (previous or {}).get("planner_inputs", {}):
+            from diffprobe.devices import resolve_device
+
+            kwargs["size_class"] = default_size_class(resolve_device(device))
+        plans = replan_plans(fingerprint, previous, kwargs, overrides)
         validate_plans(plans, plans_path)
         save_plans(plans, plans_path)
 
@@ -135,6 +144,17 @@ def _plan_and_preprocess_locked(raw_dir: Path, info: DatasetInfo, out: Path, num
                                         extra_args=(info, plans, data_dir))
     _remove_stale(data_dir, {c.identifier for c in cases})
     return report
+
+
+def _previous_plans(plans_path: Path, clean: bool, report: PreprocessReport) -> dict | None:
+    """The plans to re-plan from: the existing file, unless --clean or it no longer loads."""
+    if clean or not plans_path.is_file():
+        return None
+    try:
+        return load_plans(plans_path)
+    except DiffprobeError as e:
+        report.notes.append(f"the existing plans.json was not reused ({e.what}); planned from scratch")
+        return None
 
 
 def _remove_stale(data_dir: Path, identifiers: set[str]) -> None:

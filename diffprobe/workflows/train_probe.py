@@ -19,11 +19,12 @@ import torch
 from diffprobe import __version__
 from diffprobe.devices import resolve_device
 from diffprobe.errors import DiffprobeError
+from diffprobe.planning.compat import model_timesteps
 from diffprobe.preprocessing.access import preprocessed_cases
 from diffprobe.preprocessing.storage import case_paths
 from diffprobe.pretraining import data as pdata
-from diffprobe.pretraining.pretrain import load_bpr, model_dir, write_bpr_maps
-from diffprobe.pretraining.sample import load_denoiser
+from diffprobe.pretraining.bpr_maps import write_bpr_maps
+from diffprobe.pretraining.pretrained_model import PretrainedModel
 from diffprobe.probe.data import LabelledPatches, labelled_volumes
 from diffprobe.probe.feature_pool import FeaturePool, feature_bytes_per_patch, pool_size_for_budget
 from diffprobe.probe.head import HEADS
@@ -33,7 +34,6 @@ from diffprobe.probe.model import (
     ProbeModel,
     build_probe,
     configuration_name,
-    file_checksum,
     probe_dir,
 )
 from diffprobe.probe.splits import fold_cases
@@ -41,11 +41,13 @@ from diffprobe.training import distributed as dist_utils
 from diffprobe.training.trainer import Trainer, TrainerConfig
 from diffprobe.utils import read_json, write_json
 
+# what plans.json does not plan (its training.probe block gives steps, lr, width and batch size)
 PROBE_DEFAULTS: dict[str, Any] = {
     "steps": 1000, "batch_size": 2, "lr": 2e-2, "finetune_lr": 1e-4, "width": 32, "warmup_steps": 20,
     "checkpoint_every": 100, "validate_every": 100, "val_patches": 8, "oversample_foreground": 0.5,
     "levels": None, "pool_patches": 64, "pool_refresh": 250, "pool_gb": 4.0,
 }
+PLANNED_KEYS = ("steps", "lr", "width", "batch_size")
 
 
 @dataclass
@@ -55,8 +57,11 @@ class ProbeTrainResult:
     validation: dict | None = None
 
 
-def probe_config(overrides: dict[str, Any] | None) -> dict[str, Any]:
+def probe_config(overrides: dict[str, Any] | None, plans: dict | None = None) -> dict[str, Any]:
+    """The probe's settings: defaults, then the dataset's planned budget, then the run's overrides."""
     cfg = dict(PROBE_DEFAULTS)
+    planned = (plans or {}).get("training", {}).get("probe", {})
+    cfg.update({k: planned[k] for k in PLANNED_KEYS if k in planned})
     for key, value in (overrides or {}).items():
         if key not in cfg:
             raise DiffprobeError(f"unknown probe setting '{key}'", fix=f"use one of {', '.join(cfg)}")
@@ -65,16 +70,14 @@ def probe_config(overrides: dict[str, Any] | None) -> dict[str, Any]:
     return cfg
 
 
-def dataset_volumes(dataset: str | int, pretrained: str, pmeta: dict, device: torch.device | str
+def dataset_volumes(dataset: str | int, pretrained: PretrainedModel, device: torch.device | str
                     ) -> tuple[list[pdata.VolumeRef], dict, Path]:
     """The dataset's preprocessed volumes, with BPR maps from the pretrained BPR when it guides."""
     data_dir, plans, ids = preprocessed_cases(dataset)
     refs = pdata.volume_refs(data_dir, ids)
-    if pmeta["guidance"] == "bpr":
-        out = model_dir(pretrained)
-        from diffprobe.pretraining.pretrain import bpr_crop
-
-        refs = write_bpr_maps(load_bpr(out, device), refs, bpr_crop(out), out, device)
+    if pretrained.guidance == "bpr":
+        bpr, crop = pretrained.load_bpr(device)
+        refs = write_bpr_maps(bpr, refs, crop, pretrained.folder, device)
     return refs, plans, data_dir
 
 
@@ -142,25 +145,28 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
     """Train one fold's probe; returns its folder, training history and validation summary."""
     if head not in HEADS:
         raise DiffprobeError(f"unknown head '{head}'", fix=f"use one of {', '.join(HEADS)}")
-    cfg = probe_config(overrides)
     dev = dist_utils.init_from_env(resolve_device(device))
-    denoiser, pmeta = load_denoiser(pretrained, dev)
-    refs, plans, data_dir = dataset_volumes(dataset, pretrained, pmeta, dev)
+    model = PretrainedModel(pretrained)
+    denoiser, pmeta = model.load_denoiser(dev), model.meta
+    refs, plans, data_dir = dataset_volumes(dataset, model, dev)
+    cfg = probe_config(overrides, plans)
     labelled = labelled_ids(data_dir, [r.identifier for r in refs])
     train_ids, val_ids = fold_cases(data_dir.parent, labelled, str(fold))
-    timesteps = [int(t) for t in (timesteps or plans["diffusion"]["feature_timesteps"])]
+    dataset_timesteps = [int(t) for t in (timesteps or plans["diffusion"]["feature_timesteps"])]
+    # the dataset plans its timesteps under its schedule; the denoiser knows its own: map by noise level
+    timesteps = model_timesteps(plans, pmeta["plans"], dataset_timesteps, pretrained, data_dir.parent / "plans.json")
     labels = plans["labels"]
     num_classes = max(labels.values()) + 1
-    patch = list(pmeta["preset"]["patch_size"])
+    patch = model.plans.patch_size
     torch.manual_seed(seed)  # the head's initialisation: same seed, same probe
     probe = build_probe(denoiser, pmeta, timesteps, cfg["levels"], head, num_classes, cfg["width"], finetune)
     probe = probe.to(dev)
 
     folder = probe_dir(dataset, configuration or configuration_name(pretrained, head, finetune), str(fold))
     meta = {"format": PROBE_FORMAT, "diffprobe_version": __version__, "dataset": data_dir.parent.parent.name,
-            "fold": str(fold), "pretrained": pretrained,
-            "pretrained_checksum": file_checksum(model_dir(pretrained) / "diffusion" / "checkpoint_final.pt"),
+            "fold": str(fold), "pretrained": pretrained, "pretrained_checksum": model.checksum(),
             "guidance": pmeta["guidance"], "head": head, "finetune": finetune, "timesteps": timesteps,
+            "dataset_timesteps": dataset_timesteps,
             "levels": probe.extractor.levels, "patch_size": patch, "num_classes": num_classes, "labels": labels,
             "train_cases": train_ids, "val_cases": val_ids, "config": cfg, "seed": seed, "plans": plans}
     meta_path = folder / "probe.json"

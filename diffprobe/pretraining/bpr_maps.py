@@ -1,0 +1,113 @@
+"""BPR coordinate maps of every volume: a derived cache of ``<model>/bpr_maps/<dataset>/<case>.b2nd``.
+
+Computed once per volume by the trained BPR on the whole preprocessed volume
+(``diffprobe.guidance.bpr_coordinates``, the same definition predict uses), then read per patch by
+pretraining and the probe.
+
+Each map knows what produced it: ``<case>.json`` next to it holds the checksum of the BPR checkpoint
+(``file_checksum(<model>/bpr/checkpoint_final.pt)``) and the identity of the preprocessed case
+(hash of its properties JSON, size and mtime of its data file). The stamp is removed before and
+written (atomically) after the map, so a map without a current stamp is never used: a BPR
+continued with ``--c``, a re-preprocessed case or a killed write all mean "compute again".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import torch
+
+from diffprobe.errors import DiffprobeError
+from diffprobe.guidance import bpr_coordinates
+from diffprobe.preprocessing.storage import load_array, save_array
+from diffprobe.preprocessing.volumes import VolumeRef
+from diffprobe.pretraining.pretrained_model import BPR_CKPT, file_checksum
+from diffprobe.utils import read_json, write_json
+
+STAMP_FORMAT = 1
+
+
+def map_path(ref: VolumeRef, out: Path) -> Path:
+    """``<model>/bpr_maps/<dataset>/<case>.b2nd`` (``out``: the pretrained model's folder)."""
+    return out / "bpr_maps" / ref.data_dir.parent.parent.name / f"{ref.identifier}.b2nd"
+
+
+def stamp_path(map_file: Path) -> Path:
+    return map_file.with_suffix(".json")
+
+
+def bpr_checkpoint_checksum(out: Path) -> str:
+    """The checksum of the model's final BPR checkpoint, the one the maps must come from."""
+    ckpt = out / BPR_CKPT
+    if not ckpt.is_file():
+        raise DiffprobeError("this pretrained model has no trained BPR", ckpt,
+                             "run `diffprobe pretrain --stage bpr` for it first")
+    return file_checksum(ckpt)
+
+
+def case_checksum(ref: VolumeRef) -> str:
+    """Identity of the preprocessed case: its properties JSON's bytes, its data file's size and mtime."""
+    h = hashlib.sha1(ref.properties_path.read_bytes())
+    st = ref.data_path.stat()
+    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _expected_stamp(ref: VolumeRef, bpr_checksum: str) -> dict:
+    return {"format": STAMP_FORMAT, "bpr_checksum": bpr_checksum, "case_checksum": case_checksum(ref)}
+
+
+def is_current(ref: VolumeRef, map_file: Path, bpr_checksum: str) -> bool:
+    """Whether ``map_file`` exists and was computed by this BPR from this preprocessed case."""
+    stamp = stamp_path(map_file)
+    if not map_file.is_file() or not stamp.is_file():
+        return False
+    try:
+        found = read_json(stamp)
+    except (ValueError, OSError):
+        return False
+    expected = _expected_stamp(ref, bpr_checksum)
+    return {k: found.get(k) for k in expected} == expected
+
+
+def with_bpr_maps(volumes: list[VolumeRef], out: Path, bpr_checksum: str | None = None) -> list[VolumeRef]:
+    """The volumes with their BPR map paths, every map checked to be current.
+
+    ``bpr_checksum``: of the BPR checkpoint the maps must come from (default: ``out``'s final BPR
+    checkpoint). Raises DiffprobeError naming the first missing or stale map (compute them with
+    :func:`write_bpr_maps`).
+    """
+    bpr_checksum = bpr_checksum or bpr_checkpoint_checksum(out)
+    refs = []
+    for v in volumes:
+        path = map_path(v, out)
+        if not is_current(v, path, bpr_checksum):
+            raise DiffprobeError(f"the BPR map of case {v.identifier} is missing or was computed by another BPR "
+                                 "checkpoint or from another preprocessing of the case", path,
+                                 "recompute the maps (`diffprobe pretrain --stage diffusion --c` writes them)")
+        refs.append(dataclasses.replace(v, guidance_path=path))
+    return refs
+
+
+def write_bpr_maps(model: torch.nn.Module, volumes: list[VolumeRef], crop: list[int], out: Path,
+                   device: torch.device, bpr_checksum: str | None = None) -> list[VolumeRef]:
+    """The volumes with their BPR maps, computing every map that is missing or stale (see module doc).
+
+    ``bpr_checksum``: of the checkpoint ``model`` was loaded from (default: ``out``'s final BPR checkpoint).
+    """
+    bpr_checksum = bpr_checksum or bpr_checkpoint_checksum(out)
+    model = model.to(device).eval()
+    refs = []
+    for v in volumes:
+        path = map_path(v, out)
+        if not is_current(v, path, bpr_checksum):
+            stamp = stamp_path(path)
+            stamp.unlink(missing_ok=True)  # invalidate first: the stamp is the completion marker
+            expected = _expected_stamp(v, bpr_checksum)  # before reading: a case rewritten meanwhile stays stale
+            coords = bpr_coordinates(model, load_array(v.data_path), crop)
+            save_array(coords.cpu().numpy(), path, None)
+            write_json(stamp, expected | {"crop": [int(c) for c in crop]})
+        refs.append(dataclasses.replace(v, guidance_path=path))
+    return refs
