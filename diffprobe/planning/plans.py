@@ -106,6 +106,46 @@ def validate_plans(plans: dict, path: str | Path = PLANS_FILENAME) -> None:
     _require(_is_list_of(t, int, None) and len(t) > 0 and all(0 <= v < T for v in t), path,
              "diffusion.feature_timesteps", f"need a non-empty list of integers from 0 to {T - 1}, got {t!r}")
     _require(0 in plans["labels"].values(), path, "labels", "need the dataset.json label map with background 0")
+    _validate_consistency(plans, path)
+
+
+def _validate_consistency(plans: dict, path: Path) -> None:
+    """Refuse hand edits that contradict what the planner derives from them (they would train
+    something other than what plans.json says), naming the flag that makes the edit properly."""
+    net, diff = plans["network"], plans["diffusion"]
+    levels = net.get("levels")
+    _require(isinstance(levels, list) and len(levels) > 0 and all(isinstance(lv, dict) for lv in levels), path,
+             "network.levels", "need the planned list of levels; set the topology with --override "
+             "network.max_levels=N / network.base_channels=C instead of editing levels")
+    stride = [1, 1, 1]
+    for lv in levels:
+        _require(_is_list_of(lv.get("stride_from_previous"), int) and isinstance(lv.get("channels"), int), path,
+                 "network.levels", "each level needs stride_from_previous (3 integers) and channels")
+        stride = [s * k for s, k in zip(stride, lv["stride_from_previous"])]
+    _require(stride == net.get("total_stride", stride), path, "network.total_stride",
+             f"{net.get('total_stride')} is not the product of the levels' strides {stride}")
+    if "base_channels" in net:
+        _require(levels[0]["channels"] == net["base_channels"], path, "network.base_channels",
+                 f"{net['base_channels']} but level 0 has {levels[0]['channels']} channels: change the width with "
+                 "--override network.base_channels=C so the levels follow")
+    achieved = diff.get("feature_noise", {}).get("achieved_std")
+    if isinstance(achieved, list) and len(achieved) == len(diff["feature_timesteps"]):
+        abar = sch.alphas_cumprod(**{k: diff[k] for k in ("schedule", "num_timesteps", "beta_start", "beta_end")})
+        actual = [float(sch.noise_std(abar, int(t))) for t in diff["feature_timesteps"]]
+        _require(all(abs(a - b) < 1e-4 for a, b in zip(actual, achieved)), path, "diffusion",
+                 "the schedule or the feature timesteps were edited without re-deriving the noise levels "
+                 f"(timesteps {diff['feature_timesteps']} give noise std {[round(v, 4) for v in actual]}, "
+                 f"planned {achieved}); use --override diffusion.schedule=... or --t ... so they follow")
+    training = plans.get("training")
+    if training is not None:
+        for stage in ("bpr", "diffusion", "probe"):
+            block = training.get(stage) if isinstance(training, dict) else None
+            _require(isinstance(block, dict), path, f"training.{stage}", "must be a JSON object")
+            steps, lr = block.get("steps"), block.get("lr")
+            _require(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0, path,
+                     f"training.{stage}.steps", f"need a non-negative integer, got {steps!r}")
+            _require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0, path,
+                     f"training.{stage}.lr", f"need a positive number, got {lr!r}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
