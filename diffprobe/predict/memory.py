@@ -31,10 +31,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffprobe.guidance import guidance_channels
+
 FIXED_BYTES = 0.8e9  # interpreter, torch, nnU-Net imports, BPR + denoiser + head (tiny..paper presets)
 READ_BYTES_PER_RAW_VOXEL = 14.0  # pixels + float32 copy + canonical copy + mask + crop, + integrity re-read
 WRITE_BYTES_PER_RAW_VOXEL = 6.0  # label map on the raw grid, un-cropped, re-oriented, SimpleITK's copy
-GUIDANCE_CHANNELS = {"bpr": 3, "physical": 3, "random": 3, "none": 0}
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def estimate_for_input(image: Path, meta: dict, num_probes: int = 1,
     size_xyz, spacing_xyz = image_header(image)
     target_xyz = tuple(reversed(meta["plans"]["preprocessing"]["target_spacing"]))
     return estimate_predict_bytes(size_xyz[:3], spacing_xyz[:3], target_xyz, int(meta["num_classes"]),
-                                  GUIDANCE_CHANNELS.get(meta.get("guidance", "bpr"), 3), num_probes,
+                                  guidance_channels(meta.get("guidance", "bpr")), num_probes,
                                   save_probabilities, network_working_bytes(meta))
 
 

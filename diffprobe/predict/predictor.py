@@ -13,7 +13,6 @@ written atomically, so ``--continue_prediction`` can trust every file it finds.
 from __future__ import annotations
 
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from diffprobe.dataset.dataset_json import DatasetInfo
 from diffprobe.dataset.integrity import check_case
 from diffprobe.devices import resolve_device
 from diffprobe.errors import DiffprobeError
+from diffprobe.guidance import volume_guidance as guidance_of_volume
 from diffprobe.io.image_io import file_ending, write_image
 from diffprobe.parallel import progress_bar
 from diffprobe.predict.acceleration import InferenceSettings, autocast, memory_format, prepare_model
@@ -33,7 +33,6 @@ from diffprobe.predict.inputs import input_cases, output_name, select_model, tra
 from diffprobe.predict.memory import MemoryEstimate, available_bytes, estimate_for_input
 from diffprobe.predict.sliding_window import sliding_window_logits
 from diffprobe.preprocessing.preprocess import preprocess_checked, revert_to_original
-from diffprobe.pretraining.data import VolumeRef, physical_guidance
 from diffprobe.probe.features import patch_seed
 from diffprobe.probe.model import TrainedProbe, load_trained_probe
 from diffprobe.utils import atomic_path
@@ -42,20 +41,12 @@ from diffprobe.utils import atomic_path
 # ---- the prediction itself ------------------------------------------------------------------
 def volume_guidance(probe: TrainedProbe, data: np.ndarray, identifier: str,
                     spacing: list[float], device: torch.device) -> torch.Tensor | None:
-    """Guidance channels (3, z, y, x) for the whole preprocessed volume, as in training."""
-    mode = probe.meta["guidance"]
-    shape = data.shape[1:]
-    if mode == "bpr":
-        from diffprobe.bpr import predict_coordinates
+    """Guidance channels (G, z, y, x) for the whole preprocessed volume, as in training (``diffprobe.guidance``).
 
-        return predict_coordinates(probe.bpr, data, tuple(probe.bpr_crop)).to(device)
-    if mode == "physical":
-        ref = VolumeRef(Path(), identifier, tuple(shape), tuple(spacing))
-        return torch.from_numpy(physical_guidance(ref, np.zeros(3, dtype=int), tuple(shape))).to(device)
-    if mode == "random":
-        rng = np.random.default_rng(zlib.crc32(identifier.encode()))
-        return torch.from_numpy(rng.uniform(-1, 1, size=(3, *shape)).astype(np.float32)).to(device)
-    return None
+    ``identifier`` is not used: no guidance mode depends on the case's name.
+    """
+    guide = guidance_of_volume(probe.meta["guidance"], data, spacing, probe.bpr, probe.bpr_crop)
+    return None if guide is None else guide.to(device)
 
 
 @torch.no_grad()

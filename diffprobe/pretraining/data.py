@@ -12,66 +12,20 @@ cropped and transformed together with the image so they stay voxel-aligned.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from diffprobe.preprocessing.storage import case_paths, open_array
-from diffprobe.utils import read_json
+from diffprobe.guidance import GUIDANCE_MODES, guidance_channels, guidance_mode, patch_guidance
+from diffprobe.preprocessing.storage import open_array
+from diffprobe.preprocessing.volumes import VolumeRef, read_region, volume_refs
 
-GUIDANCE_MODES = ("bpr", "none", "random", "physical")
-PHYSICAL_SCALE_MM = 200.0  # physical guidance: mm from the scan centre / this
-
-
-@dataclass(frozen=True)
-class VolumeRef:
-    """One preprocessed training volume (any dataset)."""
-
-    data_dir: Path
-    identifier: str
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    guidance_path: Path | None = None  # BPR coordinate map (3, z, y, x), when guidance == "bpr"
-
-    @property
-    def data_path(self) -> Path:
-        return case_paths(self.data_dir, self.identifier)["data"]
-
-
-def volume_refs(data_dir: Path, identifiers: list[str]) -> list[VolumeRef]:
-    refs = []
-    for ident in identifiers:
-        props = read_json(case_paths(data_dir, ident)["properties"])
-        refs.append(VolumeRef(data_dir, ident, tuple(props["shape_after_resampling"]), tuple(props["target_spacing"])))
-    return refs
+__all__ = ["GUIDANCE_MODES", "PatchBatches", "VolumeRef", "loader", "read_region", "step_rng", "volume_refs"]
 
 
 def step_rng(seed: int, step: int, rank: int, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, step, rank, stream]))
-
-
-def read_region(arr, start: np.ndarray, size: tuple[int, ...], fill: float) -> np.ndarray:
-    """Read arr[:, start:start+size] with out-of-bounds parts filled (volumes may be smaller than patches)."""
-    shape = np.array(arr.shape[1:])
-    lo = np.maximum(start, 0)
-    hi = np.minimum(start + np.array(size), shape)
-    out = np.full((arr.shape[0], *size), fill, dtype=np.float32)
-    if np.all(hi > lo):
-        src = arr[(slice(None),) + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
-        dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start))
-        out[(slice(None),) + dst] = np.asarray(src, dtype=np.float32)
-    return out
-
-
-def physical_guidance(ref: VolumeRef, start: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """Scanner-mm coordinates (x, y, z order of channels: LR, AP, CC) relative to the scan centre."""
-    centre = (np.array(ref.shape) - 1) / 2
-    axes = [(start[a] + np.arange(size[a]) - centre[a]) * ref.spacing[a] / PHYSICAL_SCALE_MM for a in range(3)]
-    zz, yy, xx = np.meshgrid(*axes, indexing="ij")
-    return np.stack([xx, yy, zz]).astype(np.float32)
 
 
 class PatchBatches:
@@ -79,16 +33,13 @@ class PatchBatches:
 
     def __init__(self, volumes: list[VolumeRef], patch_size: list[int], batch_size: int, guidance: str = "bpr",
                  augment: bool = True, seed: int = 0, rank: int = 0):
-        if guidance not in GUIDANCE_MODES:
-            raise ValueError(f"guidance must be one of {GUIDANCE_MODES}")
-        if guidance == "bpr" and any(v.guidance_path is None for v in volumes):
-            raise ValueError("bpr guidance needs a coordinate map for every volume (run the BPR stage first)")
+        guidance_mode(guidance).check(volumes)
         self.volumes, self.patch, self.batch_size = volumes, tuple(patch_size), batch_size
         self.guidance, self.augment, self.seed, self.rank = guidance, augment, seed, rank
 
     @property
     def guidance_channels(self) -> int:
-        return 0 if self.guidance == "none" else 3
+        return guidance_channels(self.guidance)
 
     def _patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
         ref = self.volumes[int(rng.integers(len(self.volumes)))]
@@ -97,20 +48,13 @@ class PatchBatches:
         span = np.maximum(np.array(ref.shape) - np.array(self.patch), 0)
         start = np.array([int(rng.integers(0, s + 1)) for s in span]) - margin
         image = read_region(open_array(ref.data_path), start, region, fill=-1.0)
-        guide = None
-        if self.guidance == "bpr":
-            guide = read_region(open_array(ref.guidance_path), start, region, fill=0.0)
-        elif self.guidance == "physical":
-            guide = physical_guidance(ref, start, region)
+        guide = patch_guidance(self.guidance, ref, start, region)
         stack = image if guide is None else np.concatenate([image, guide])
         if self.augment:
             stack = self._spatial(stack, rng)
         else:
             stack = stack[(slice(None),) + tuple(slice(0, p) for p in self.patch)]
-        image, guide = stack[:1], (stack[1:] if guide is not None else None)
-        if self.guidance == "random":
-            guide = rng.uniform(-1, 1, size=(3, *self.patch)).astype(np.float32)
-        return image, guide
+        return stack[:1], (stack[1:] if guide is not None else None)
 
     def _spatial(self, stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         from batchgenerators.augmentations.spatial_transformations import augment_spatial

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffprobe.guidance import patch_guidance
 from diffprobe.preprocessing.storage import case_paths, open_array
 from diffprobe.pretraining import data as pdata
 from diffprobe.probe.features import patch_seed
@@ -39,18 +40,6 @@ def labelled_volumes(refs: list[pdata.VolumeRef]) -> list[LabelledVolume]:
         props = read_json(case_paths(ref.data_dir, ref.identifier)["properties"])
         out.append(LabelledVolume(ref, props.get("class_locations") or {}))
     return out
-
-
-def guidance_patch(mode: str, ref: pdata.VolumeRef, start: np.ndarray, size: tuple[int, int, int],
-                   seed: int) -> np.ndarray | None:
-    """The guidance channels of one patch for the given mode (None for ``none``)."""
-    if mode == "bpr":
-        return pdata.read_region(open_array(ref.guidance_path), start, size, fill=0.0)
-    if mode == "physical":
-        return pdata.physical_guidance(ref, start, size)
-    if mode == "random":
-        return np.random.default_rng(seed).uniform(-1, 1, size=(3, *size)).astype(np.float32)
-    return None
 
 
 class LabelledPatches:
@@ -78,7 +67,7 @@ class LabelledPatches:
         seed = patch_seed(ref.identifier, start)
         image = pdata.read_region(open_array(ref.data_path), start, self.patch, fill=-1.0)
         seg = pdata.read_region(open_array(vol.seg_path), start, self.patch, fill=0.0)[0]
-        guide = guidance_patch(self.guidance, ref, start, self.patch, seed)
+        guide = patch_guidance(self.guidance, ref, start, self.patch)
         return {"image": image, "seg": seg.astype(np.int64), "guidance": guide, "seed": seed}
 
     def batch(self, step: int) -> dict:
