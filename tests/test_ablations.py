@@ -78,7 +78,7 @@ def test_greedy_forward_selection():
 
 
 def test_timesteps_sweep_writes_csv_png_and_reuses_finished_runs(ablation_roots, capsys):
-    from diffprobe.workflows.ablations import ablate_timesteps, class_sizes, size_groups
+    from diffprobe.workflows.ablations import SweepConfig, ablate_timesteps, class_sizes, size_groups
 
     assert main(["ablate", "timesteps", "-d", "001", "--t", "10", "30", "-m", "tiny", "--steps", "2"]) == 0
     err = capsys.readouterr().err
@@ -98,23 +98,23 @@ def test_timesteps_sweep_writes_csv_png_and_reuses_finished_runs(ablation_roots,
     ckpts = [results / c / "fold_0" / "checkpoint_final.pt" for c in
              ("ablate_t10__tiny", "ablate_t30__tiny", "ablate_t10-30-60__tiny")]
     mtimes = [p.stat().st_mtime_ns for p in ckpts]
-    again = ablate_timesteps(1, [10, 30], "tiny", steps=2, show_progress=False)  # resumed sweep: nothing retrained
+    again = ablate_timesteps(SweepConfig(1, steps=2, show_progress=False), [10, 30], "tiny")  # resumed: none retrained
     assert all(r.reused for r in again.runs)
     assert [p.stat().st_mtime_ns for p in ckpts] == mtimes
     assert [round(r.mean, 4) for r in again.runs] == [round(float(r["dice_mean"]), 4) for r in rows]
     with pytest.raises(DiffprobeError, match="different config"):  # a finished run is never mixed with other steps
-        ablate_timesteps(1, [10], "tiny", steps=3, show_progress=False)
+        ablate_timesteps(SweepConfig(1, steps=3, show_progress=False), [10], "tiny")
 
 
 def test_tune_timesteps_writes_a_valid_plans_choice(ablation_roots, capsys):
     from diffprobe.planning.plans import load_plans
     from diffprobe.preprocessing.access import preprocessed_cases
-    from diffprobe.workflows.ablations import tune_timesteps
+    from diffprobe.workflows.ablations import SweepConfig, tune_timesteps
 
     plans_path = ablation_roots["preprocessed"] / DATASET / "diffprobe" / "plans.json"
     before = load_plans(plans_path)
     _, _, ids_before = preprocessed_cases(1)
-    result = tune_timesteps(1, [10, 30], "tiny", k=2, steps=2, show_progress=False)
+    result = tune_timesteps(SweepConfig(1, steps=2, show_progress=False), [10, 30], "tiny", k=2)
     plans = load_plans(plans_path)  # validates
     chosen = plans["diffusion"]["feature_timesteps"]
     assert chosen == result.timesteps and 1 <= len(result.greedy_timesteps) <= 2
@@ -161,11 +161,12 @@ def test_guidance_ablation_pretrains_missing_models(ablation_roots, capsys):
 
 
 def test_backbone_ablation_counts_parameters(ablation_roots):
-    from diffprobe.workflows.ablations import _ensure_model, ablate_backbone
+    from diffprobe.workflows.ablations import SweepConfig, _ensure_model, ablate_backbone
 
-    _ensure_model(1, "ablate_none", "none", "planned", "tiny", TINY_PRETRAIN, "cpu", False)  # no-op after the above
-    result = ablate_backbone(1, ["ablate_none", "ablate_attn_none__none"], steps=2, pretrain_missing=True,
-                             pretrain_overrides=TINY_PRETRAIN, show_progress=False)
+    pretraining = SweepConfig(1, device="cpu", show_progress=False, pretrain_overrides=TINY_PRETRAIN)
+    _ensure_model(pretraining, "ablate_none", "none", "planned")  # no-op after the above
+    result = ablate_backbone(SweepConfig(1, steps=2, pretrain_overrides=TINY_PRETRAIN, show_progress=False),
+                             ["ablate_none", "ablate_attn_none__none"], pretrain_missing=True)
     rows = read_csv(result.csv)
     assert [(r["model"], r["attention"], r["guidance"]) for r in rows] == [
         ("ablate_none", "planned", "none"), ("ablate_attn_none__none", "none", "none")]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
 from diffprobe.cli.app import app, command, console
+
+if TYPE_CHECKING:  # the workflows are imported only when a command runs
+    from diffprobe.workflows.ablations import SweepConfig
 
 ablate_app = typer.Typer(
     help="The paper's experiments: quick probes per feature timestep, guidance mode or backbone; "
@@ -61,10 +64,18 @@ _HEAD = typer.Option("fpn", "--head", help="probe head: fpn or linear")
 _DEVICE = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda or cuda:N")
 _MODELS = typer.Option(None, "--models", help="pretrained model names to compare (repeat --models per name)")
 _PRETRAIN = typer.Option(False, "--pretrain", help="first pretrain the ablation's own models that are missing")
-_PRESET = typer.Option("tiny", "--preset", help="preset for --pretrain: tiny, small or paper")
-_DIFF_STEPS = typer.Option(None, "--diffusion_steps", help="--pretrain: override the preset's diffusion steps")
-_BPR_STEPS = typer.Option(None, "--bpr_steps", help="--pretrain: override the preset's BPR steps")
+_DIFF_STEPS = typer.Option(None, "--diffusion_steps", help="--pretrain: override the planned diffusion steps")
+_BPR_STEPS = typer.Option(None, "--bpr_steps", help="--pretrain: override the planned BPR steps")
 _WORKERS = typer.Option(None, "--num_workers", help="--pretrain: data-loading processes")
+
+
+def _pretraining_sweep(dataset: str, fold: str, steps: int | None, head: str, device: str,
+                       diffusion_steps: int | None, bpr_steps: int | None, num_workers: int | None) -> SweepConfig:
+    """The SweepConfig of an ablation that may pretrain its own models (``--pretrain``)."""
+    from diffprobe.workflows.ablations import SweepConfig
+
+    overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "num_workers": num_workers}
+    return SweepConfig(dataset, fold=fold, steps=steps, head=head, device=device, pretrain_overrides=overrides)
 
 
 @_sub("timesteps", "diffprobe ablate timesteps -d 001 --t 5 10 30 60 100 200 -m default -f 0 --steps 300")
@@ -79,9 +90,10 @@ def timesteps_cmd(
     device: str = _DEVICE,
 ) -> None:
     """Dice of probes on single feature timesteps vs the planned set, per organ-size group."""
-    from diffprobe.workflows.ablations import ablate_timesteps
+    from diffprobe.workflows.ablations import SweepConfig, ablate_timesteps
 
-    print_ablation(ablate_timesteps(dataset, timesteps or None, pretrained, fold, steps, head, device))
+    config = SweepConfig(dataset, fold=fold, steps=steps, head=head, device=device)
+    print_ablation(ablate_timesteps(config, timesteps or None, pretrained))
 
 
 @_sub("guidance", "diffprobe ablate guidance -d 001 --pretrain   "
@@ -93,7 +105,6 @@ def guidance_cmd(
     steps: int | None = _STEPS,
     pretrain: bool = typer.Option(False, "--pretrain", help="first pretrain the missing ablate_none, "
                                   "ablate_random, ablate_physical, ablate_bpr (or the ablate_<mode> given)"),
-    preset: str = _PRESET,
     diffusion_steps: int | None = _DIFF_STEPS,
     bpr_steps: int | None = _BPR_STEPS,
     num_workers: int | None = _WORKERS,
@@ -103,9 +114,8 @@ def guidance_cmd(
     """Dice of probes on models pretrained with guidance none / random / physical / BPR (from model.json)."""
     from diffprobe.workflows.ablations import ablate_guidance
 
-    overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "num_workers": num_workers}
-    print_ablation(ablate_guidance(dataset, models or None, fold, steps, pretrain, None, preset, overrides, head,
-                                   device))
+    config = _pretraining_sweep(dataset, fold, steps, head, device, diffusion_steps, bpr_steps, num_workers)
+    print_ablation(ablate_guidance(config, models or None, pretrain_missing=pretrain))
 
 
 @_sub("backbone", "diffprobe ablate backbone -d 001 --pretrain   (own models: --models m_attn --models m_conv)")
@@ -119,7 +129,6 @@ def backbone_cmd(
                                   "ablate_attn_<attention>[__<guidance>] given"),
     guidance: str = typer.Option("bpr", "--guidance", help="--pretrain without --models: guidance of both models "
                                  "(not bpr: the names get the suffix __<guidance>)"),
-    preset: str = _PRESET,
     diffusion_steps: int | None = _DIFF_STEPS,
     bpr_steps: int | None = _BPR_STEPS,
     num_workers: int | None = _WORKERS,
@@ -129,9 +138,8 @@ def backbone_cmd(
     """Dice of probes on a denoiser with the planned attention vs a pure-convolution one; parameter counts."""
     from diffprobe.workflows.ablations import ablate_backbone
 
-    overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "num_workers": num_workers}
-    print_ablation(ablate_backbone(dataset, models or None, fold, steps, pretrain, guidance, preset, overrides, head,
-                                   device))
+    config = _pretraining_sweep(dataset, fold, steps, head, device, diffusion_steps, bpr_steps, num_workers)
+    print_ablation(ablate_backbone(config, models or None, pretrain_missing=pretrain, guidance=guidance))
 
 
 @command("tune_timesteps", "diffprobe tune_timesteps -d 001 --t 5 10 30 60 100 200 -m default --k 3")
@@ -148,10 +156,10 @@ def tune_timesteps_cmd(
     dry_run: bool = typer.Option(False, "--dry_run", help="measure and print, but leave plans.json unchanged"),
 ) -> None:
     """Choose the feature timesteps by validation Dice (greedy forward selection) and write them to plans.json."""
-    from diffprobe.workflows.ablations import tune_timesteps
+    from diffprobe.workflows.ablations import SweepConfig, tune_timesteps
 
-    result = tune_timesteps(dataset, candidates or None, pretrained, fold, k, steps, head, device,
-                            write=not dry_run)
+    config = SweepConfig(dataset, fold=fold, steps=steps, head=head, device=device)
+    result = tune_timesteps(config, candidates or None, pretrained, k=k, write=not dry_run)
     print_ablation(result.sweep)
     table = Table(title="greedy forward selection", title_justify="left")
     for name in ("step", "timesteps", "mean Dice", "selected"):
