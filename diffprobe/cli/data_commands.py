@@ -53,6 +53,11 @@ def plan_and_preprocess_cmd(
                                                help="feature timesteps (default: planned from noise levels)"),
     override: list[str] | None = typer.Option(None, "--override",
                                               help="edit any plans key, e.g. --override network.blocks_per_level=1"),
+    budget_minutes: float | None = typer.Option(
+        None, "--budget_minutes", help="plan network and step counts so that pretraining + probe training take about "
+        "this many minutes on -device (times real training steps first; recorded in training.budget)"),
+    device: str = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda or cuda:N (for --budget_minutes "
+                               "and the default size class)"),
 ) -> None:
     """Fingerprint (with integrity check), plan (plans.json) and preprocess datasets."""
     from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
@@ -68,7 +73,8 @@ def plan_and_preprocess_cmd(
     }.items() if v is not None}
     for spec in dataset:
         report = plan_and_preprocess(spec, num_processes=num_processes, clean=clean, replan=replan,
-                                     plan_kwargs=kwargs or None, overrides=override or None)
+                                     plan_kwargs=kwargs or None, overrides=override or None,
+                                     budget_minutes=budget_minutes, device=device)
         for note in report.notes:
             console.print(f"[cyan]note:[/] {note}", highlight=False)
         console.print(
