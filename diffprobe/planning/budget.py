@@ -374,6 +374,14 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (Unix), recorded with the timings: other jobs slow the measured steps."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
 def with_loading(compute: float, loading: float, device: str, num_workers: int) -> float:
     """Step seconds with data loading: overlapped by the loader processes when they have cores of
     their own (a GPU run, or torch not using every core), otherwise added (a CPU run on all cores)."""
@@ -511,6 +519,7 @@ def plan_for_budget(fingerprint: dict, previous: dict | None, plan_kwargs: dict,
     names = _candidates(dev, plan_kwargs, candidates)
     fixed = _fixed_steps(plan_kwargs, overrides)
     cache = _cached_timings(previous)
+    load = _load_average()  # before timing (our own steps would count in it)
     t_start = time.perf_counter()
     timings: list[tuple[str, dict[str, float] | None]] = []
     rows: list[dict[str, Any]] = []
@@ -571,8 +580,12 @@ def plan_for_budget(fingerprint: dict, previous: dict | None, plan_kwargs: dict,
                      f"'{names[chosen]}' ({alloc['min_steps']}); planned with what fits")
     if fixed:
         notes.append(f"steps fixed by the user: {fixed}")
+    if load is not None and dev == "cpu" and any(r["timed"] == "measured" for r in rows) and load > _cores():
+        notes.append(f"the CPU was busy while timing (load {load:.1f} on {_cores()} cores): the plan assumes it "
+                     "stays this busy; re-plan on an idle machine for a plan of the machine alone")
     record = {
-        "minutes": budget_minutes, "device": dev, "torch_threads": torch.get_num_threads(),
+        "minutes": budget_minutes, "device": dev, "torch_threads": torch.get_num_threads(), "cpu_cores": _cores(),
+        "load_average": None if load is None else round(load, 2),
         "rule": "largest candidate whose steps reach max(min_steps, min_fraction x class default) in every stage; "
                 "steps = floor(stage seconds / seconds per step); BPR and probe capped at cap_factor x the class "
                 "default, the freed seconds go to diffusion",
