@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_budget.py --budget_minutes 10 [30 60] [--device cpu]
-        [--workdir DIR] [--plan_only] [--json results.json]
+        [--workdir DIR] [--plan_only] [--json results.json] [--wait_idle 1.0]
 
 For each budget, from scratch in its own roots: make_phantoms (8 labelled + 4 unlabelled, the
 ``make_phantoms`` defaults) -> ``plan_and_preprocess(budget_minutes=B)`` (times the candidates
@@ -21,8 +21,41 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+
+class LoadSampler:
+    """The 1-minute load average every few seconds while a block runs (other jobs skew a shared machine)."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.every_s, self.samples, self._stop = every_s, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        s = self.samples or [os.getloadavg()[0]]
+        return {"mean": round(sum(s) / len(s), 2), "max": round(max(s), 2)}
+
+
+def wait_for_idle(max_load: float, timeout_s: float) -> float:
+    """Wait until the 1-minute load average is below ``max_load`` (at most ``timeout_s``); returns the wait."""
+    t0 = time.perf_counter()
+    while os.getloadavg()[0] > max_load and time.perf_counter() - t0 < timeout_s:
+        time.sleep(15)
+    return round(time.perf_counter() - t0, 1)
 
 
 def loop_seconds(history: list[dict], samples_per_step: int) -> float:
@@ -31,7 +64,8 @@ def loop_seconds(history: list[dict], samples_per_step: int) -> float:
     return last["step"] * samples_per_step / max(last["samples_per_s"], 1e-9)
 
 
-def run_budget(minutes: float, base: Path, device: str, plan_only: bool, phantoms: dict) -> dict:
+def run_budget(minutes: float, base: Path, device: str, plan_only: bool, phantoms: dict,
+               idle_load: float | None = None) -> dict:
     from diffprobe.paths import roots_at
     from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
 
@@ -39,7 +73,10 @@ def run_budget(minutes: float, base: Path, device: str, plan_only: bool, phantom
         shutil.rmtree(base)
     base.mkdir(parents=True)
     make_phantom_dataset(base / "raw" / "Dataset001_Phantoms", PhantomConfig(**phantoms))
-    out: dict = {"budget_minutes": minutes, "device": device, "load_before": os.getloadavg()}
+    out: dict = {"budget_minutes": minutes, "device": device}
+    if idle_load is not None:
+        out["waited_for_idle_s"] = wait_for_idle(idle_load, 3600)
+    out["load_before"] = [round(v, 2) for v in os.getloadavg()]
     with roots_at(base):
         from diffprobe.planning.plans import load_plans
         from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
@@ -59,12 +96,14 @@ def run_budget(minutes: float, base: Path, device: str, plan_only: bool, phantom
         from diffprobe.pretraining.pretrain import pretrain
         from diffprobe.workflows.train_probe import train_probe
 
-        t0 = time.perf_counter()
-        result = pretrain(["1"], name="budget", device=device, show_progress=False)
-        out["pretrain_s"] = round(time.perf_counter() - t0, 1)
-        t0 = time.perf_counter()
-        probe = train_probe(1, "0", "budget", device=device, show_progress=False)
-        out["probe_s"] = round(time.perf_counter() - t0, 1)
+        with LoadSampler() as load:
+            t0 = time.perf_counter()
+            result = pretrain(["1"], name="budget", device=device, show_progress=False)
+            out["pretrain_s"] = round(time.perf_counter() - t0, 1)
+            t0 = time.perf_counter()
+            probe = train_probe(1, "0", "budget", device=device, show_progress=False)
+            out["probe_s"] = round(time.perf_counter() - t0, 1)
+        out["load_during"] = load.summary()
         batch = int(plans["batch_size"])
         probe_batch = int(plans["training"]["probe"]["batch_size"])
         out["loop_s"] = {"bpr": round(loop_seconds(result.histories["bpr"], 2 * max(2, batch)), 1),
@@ -76,7 +115,7 @@ def run_budget(minutes: float, base: Path, device: str, plan_only: bool, phantom
             out["val_dice_mean"] = round(float(probe.validation["foreground_mean_dice"]), 3)
     out["actual_s"] = round(out["pretrain_s"] + out["probe_s"], 1)
     out["ratio"] = round(out["actual_s"] / (minutes * 60), 3)
-    out["load_after"] = os.getloadavg()
+    out["load_after"] = [round(v, 2) for v in os.getloadavg()]
     return out
 
 
@@ -90,6 +129,9 @@ def main() -> None:
     ap.add_argument("--num_unlabelled", type=int, default=4)
     ap.add_argument("--fov_mm", type=float, default=110.0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--wait_idle", type=float, default=None, metavar="LOAD",
+                    help="on a shared machine: before each budget, wait (up to 1 h) until the 1-minute load "
+                         "average is below LOAD")
     args = ap.parse_args()
     phantoms = {"num_train_labelled": args.num_labelled, "num_train_unlabelled": args.num_unlabelled,
                 "num_test": 1, "fov_mm": args.fov_mm}
@@ -97,7 +139,8 @@ def main() -> None:
     rows = []
     try:
         for minutes in args.budget_minutes:
-            row = run_budget(minutes, work / f"budget_{minutes:g}", args.device, args.plan_only, phantoms)
+            row = run_budget(minutes, work / f"budget_{minutes:g}", args.device, args.plan_only, phantoms,
+                             args.wait_idle)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -106,15 +149,16 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print("\n| budget (min) | chosen | steps bpr/diff/probe | planned s | actual s | ratio | loop s bpr/diff/probe "
-          "(planned) | outside loops s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "(planned) | outside loops s | load during (mean/max) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         st, pl = r["steps"], r["planned_s"]
         loops = " / ".join(f"{r['loop_s'][s]:.0f} ({pl[s]:.0f})" for s in ("bpr", "diffusion", "probe")) \
             if "loop_s" in r else "—"
         print(f"| {r['budget_minutes']:g} | {r['chosen']} | {st['bpr']}/{st['diffusion']}/{st['probe']} | "
               f"{pl['total']:.0f} | {r.get('actual_s', '—')} | {r.get('ratio', '—')} | {loops} | "
-              f"{r.get('outside_loops_s', '—')} |")
+              f"{r.get('outside_loops_s', '—')} | "
+              + (f"{r['load_during']['mean']}/{r['load_during']['max']} |" if "load_during" in r else "— |"))
 
 
 if __name__ == "__main__":
