@@ -1,4 +1,4 @@
-"""Ablation commands: ``ablate timesteps|guidance|backbone`` (a sub-app) and ``tune_timesteps``."""
+"""Ablation commands: ``ablate timesteps|guidance|backbone|controls|labels`` (a sub-app) and ``tune_timesteps``."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ if TYPE_CHECKING:  # the workflows are imported only when a command runs
     from diffprobe.workflows.ablations import SweepConfig
 
 ablate_app = typer.Typer(
-    help="The paper's experiments: quick probes per feature timestep, guidance mode or backbone; "
+    help="The paper's experiments (quick probes per feature timestep, guidance mode or backbone) and the "
+         "controls (random init, no backbone, from scratch, fine-tune; Dice vs labelled cases); "
          "CSV + PNG in <results>/DatasetXXX/diffprobe/ablations/<kind>/.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.add_typer(ablate_app, name="ablate", help="Paper experiments: timesteps, guidance, backbone (CSV + PNG).")
+app.add_typer(ablate_app, name="ablate",
+              help="Paper experiments and controls: timesteps, guidance, backbone, controls, labels (CSV + PNG).")
 
 
 def _sub(name: str, example: str):
@@ -175,3 +177,98 @@ def tune_timesteps_cmd(
                   f"planned {result.planned_timesteps}: {_cell(result.planned_dice)}) -> {where}",
                   highlight=False, soft_wrap=True)
     console.print(f"[green]wrote[/] {result.csv}", highlight=False, soft_wrap=True)
+
+
+_MODEL = typer.Option("default", "-m", "--pretrained", help="the method's pretrained model")
+_QUICK = typer.Option(False, "--quick", help="tiny step counts (a test-sized run, minutes on a CPU)")
+_SCRATCH_STEPS = typer.Option(None, "--scratch_steps", help="from_scratch steps (default: as many as fit the "
+                              "method's pretraining + probe time, measured from a few timed steps)")
+_SCRATCH_LR = typer.Option(None, "--scratch_lr", help="from_scratch learning rate (default 1e-3, AdamW)")
+
+
+def _seconds(value: Any) -> str:
+    return "—" if value in ("", None) or (isinstance(value, float) and math.isnan(value)) else f"{value:.0f}"
+
+
+def print_rows(title: str, labels: list[str], rows: list[dict], classes: list[str]) -> None:
+    """One column per row; steps and seconds, validation Dice per class and mean, then the test set's."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    for label in labels:
+        table.add_column(label, justify="right")
+    table.add_row("steps", *[str(r["steps"]) for r in rows], style="dim")
+    for key in ("pretrain_seconds", "train_seconds", "wall_seconds", "budget_seconds"):
+        if key in rows[0]:
+            table.add_row(key.replace("_", " "), *[_seconds(r.get(key)) for r in rows], style="dim")
+    for prefix, name in (("dice_", "validation"), ("test_dice_", "test")):
+        if prefix == "test_dice_" and not any(r.get("test_cases") for r in rows):
+            continue
+        count = "" if prefix == "dice_" else f" ({rows[0]['test_cases']} cases)"
+        for c in classes:
+            table.add_row(f"{name} {c}", *[_cell(r[f"{prefix}{c}"]) for r in rows])
+        table.add_row(f"{name} mean{count}", *[_cell(r[f"{prefix}mean"]) for r in rows], style="bold")
+    console.print(table)
+
+
+def _sweep(dataset: str, fold: str, steps: int | None, head: str, device: str, diffusion_steps: int | None,
+           bpr_steps: int | None) -> SweepConfig:
+    return _pretraining_sweep(dataset, fold, steps, head, device, diffusion_steps, bpr_steps, None)
+
+
+@_sub("controls", "diffprobe ablate controls -d 1 -f 0 --pretrained default   (test size: --quick)")
+def controls_cmd(
+    dataset: str = _DATASET,
+    fold: str = _FOLD,
+    pretrained: str = _MODEL,
+    pretrain: bool = typer.Option(False, "--pretrain", help="pretrain --pretrained as planned if it is missing"),
+    quick: bool = _QUICK,
+    steps: int | None = typer.Option(None, "--steps", help="probe steps of every row (default: the probe's)"),
+    scratch_steps: int | None = _SCRATCH_STEPS,
+    scratch_lr: float | None = _SCRATCH_LR,
+    diffusion_steps: int | None = _DIFF_STEPS,
+    bpr_steps: int | None = _BPR_STEPS,
+    head: str = _HEAD,
+    device: str = _DEVICE,
+) -> None:
+    """The method vs honest controls: random-init denoiser, no backbone, from scratch (same compute), fine-tuned."""
+    from diffprobe.workflows.ablations.controls import SCRATCH_LR, ablate_controls
+
+    config = _sweep(dataset, fold, steps, head, device, diffusion_steps, bpr_steps)
+    result = ablate_controls(config, pretrained, pretrain_missing=pretrain, quick=quick, scratch_steps=scratch_steps,
+                             scratch_lr=scratch_lr or SCRATCH_LR)
+    print_rows(f"controls, model {pretrained}, fold {config.fold}: Dice", [r["row"] for r in result.table],
+               result.table, result.classes)
+    reused = sum(r.reused for r in result.rows)
+    console.print(f"{len(result.rows) - reused} row(s) trained, {reused} reused; from_scratch budget: "
+                  f"{_seconds(result.budget.get('budget_seconds'))} s = pretraining "
+                  f"{_seconds(result.budget['pretrain_seconds'])} s ({result.budget['source']}) + probe "
+                  f"{_seconds(result.budget.get('probe_seconds'))} s", highlight=False, soft_wrap=True)
+    console.print(f"[green]wrote[/] {result.csv}\n[green]wrote[/] {result.png}", highlight=False, soft_wrap=True)
+
+
+@_sub("labels", "diffprobe ablate labels -d 1 --n 1 2 4 8 -f 0")
+def labels_cmd(
+    dataset: str = _DATASET,
+    ns: list[int] = typer.Option(..., "--n", help="numbers of labelled training cases (nested subsets)"),
+    fold: str = _FOLD,
+    pretrained: str = _MODEL,
+    pretrain: bool = typer.Option(False, "--pretrain", help="pretrain --pretrained as planned if it is missing"),
+    quick: bool = _QUICK,
+    steps: int | None = typer.Option(None, "--steps", help="probe steps (default: the probe's)"),
+    scratch_steps: int | None = _SCRATCH_STEPS,
+    scratch_lr: float | None = _SCRATCH_LR,
+    diffusion_steps: int | None = _DIFF_STEPS,
+    bpr_steps: int | None = _BPR_STEPS,
+    head: str = _HEAD,
+    device: str = _DEVICE,
+) -> None:
+    """Dice vs the number of labelled training cases: the method vs a UNet trained from scratch (same compute)."""
+    from diffprobe.workflows.ablations.controls import SCRATCH_LR
+    from diffprobe.workflows.ablations.labels import ablate_labels
+
+    config = _sweep(dataset, fold, steps, head, device, diffusion_steps, bpr_steps)
+    result = ablate_labels(config, ns, pretrained, pretrain_missing=pretrain, quick=quick,
+                           scratch_steps=scratch_steps, scratch_lr=scratch_lr or SCRATCH_LR)
+    print_rows(f"Dice vs labelled cases, model {pretrained}, fold {config.fold}",
+               [f"n={r['n']} {r['row']}" for r in result.table], result.table, result.classes)
+    console.print(f"[green]wrote[/] {result.csv}\n[green]wrote[/] {result.png}", highlight=False, soft_wrap=True)

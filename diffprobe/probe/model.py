@@ -4,6 +4,9 @@ Layout of ``<results>/DatasetXXX_Name/diffprobe/<pretrained>__<head>[__finetune]
 ``probe.json`` (everything needed to rebuild it: pretrained model name and checksum,
 timesteps, levels, patch size, labels, the dataset's plans), ``checkpoint_final.pt`` (head
 weights; with ``--finetune`` also the denoiser's), training log and curves, ``validation/``.
+probe.json's optional ``extractor`` ("input": head on the pooled input, no denoiser) and
+``init`` ("scratch": denoiser trained end to end from random weights) are the controls of
+``diffprobe ablate controls``; absent, they mean "denoiser" and "pretrained".
 """
 
 from __future__ import annotations
@@ -47,11 +50,24 @@ def probe_dir(dataset: str | int, configuration: str, fold: str) -> Path:
     return paths.results_dir(dataset) / configuration / f"fold_{fold}"
 
 
+EXTRACTORS = ("denoiser", "input")  # probe.json "extractor"; "input": the no-backbone control
+INITS = ("pretrained", "scratch")  # probe.json "init"; "scratch": the denoiser trained from random weights
+
+
 def build_probe(denoiser: nn.Module, meta: dict, timesteps: list[int], levels: list[int] | None, head: str,
-                num_classes: int, width: int, finetune: bool) -> ProbeModel:
-    diffusion = GaussianDiffusion.from_plans(meta["plans"])
-    extractor = FeatureExtractor(denoiser, diffusion, timesteps, levels, trainable=finetune)
-    return ProbeModel(extractor, build_head(head, extractor.feature_channels, num_classes, width))
+                num_classes: int, width: int, finetune: bool, extractor: str = "denoiser") -> ProbeModel:
+    """Head on the denoiser's features, or (``extractor="input"``) on the input pooled to the
+    denoiser's scales (:class:`~diffprobe.probe.input_features.InputFeatures`; weights unused)."""
+    if extractor == "input":
+        from diffprobe.probe.input_features import InputFeatures
+
+        features: nn.Module = InputFeatures.like(denoiser, levels)
+    elif extractor == "denoiser":
+        diffusion = GaussianDiffusion.from_plans(meta["plans"])
+        features = FeatureExtractor(denoiser, diffusion, timesteps, levels, trainable=finetune)
+    else:
+        raise ValueError(f"extractor must be one of {EXTRACTORS}, got {extractor!r}")
+    return ProbeModel(features, build_head(head, features.feature_channels, num_classes, width))
 
 
 @dataclass
@@ -153,13 +169,17 @@ def load_trained_probe(folder: Path, device: str | torch.device = "cpu") -> Trai
     if not pretrained.denoiser_checkpoint.is_file():
         raise DiffprobeError(f"the pretrained model '{meta['pretrained']}' this probe was trained on is missing",
                              pretrained.folder, "install it (diffprobe install_model) or retrain the probe")
-    if not meta["finetune"] and pretrained.checksum() != meta["pretrained_checksum"]:
+    extractor, init = meta.get("extractor", "denoiser"), meta.get("init", "pretrained")
+    # the denoiser's pretrained weights matter only to a frozen probe on them
+    uses_weights = extractor == "denoiser" and init == "pretrained"
+    if uses_weights and not meta["finetune"] and pretrained.checksum() != meta["pretrained_checksum"]:
         raise DiffprobeError(f"the pretrained model '{meta['pretrained']}' changed after this probe was trained",
                              pretrained.denoiser_checkpoint,
                              "retrain the probe (diffprobe train) on the current pretrained model")
-    denoiser = pretrained.load_denoiser(device)
+    # a from-scratch probe's checkpoint holds the whole network; the input extractor only needs the scales
+    denoiser = pretrained.load_denoiser(device) if uses_weights else pretrained.build_denoiser().to(device).eval()
     model = build_probe(denoiser, pretrained.meta, meta["timesteps"], meta["levels"], meta["head"],
-                        meta["num_classes"], meta["config"]["width"], meta["finetune"])
+                        meta["num_classes"], meta["config"]["width"], meta["finetune"], extractor)
     ckpt = load_checkpoint(probe_folder.checkpoint, device)
     load_state_checked(model if meta["finetune"] else model.head, ckpt.get("model"), probe_folder.checkpoint,
                        "diffprobe train")

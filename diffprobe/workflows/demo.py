@@ -3,8 +3,11 @@
 make_phantoms -> plan_and_preprocess -> pretrain (tiny) -> train (probe, fold all) ->
 predict (held-out phantoms) -> evaluate, in its own folder (``--output``, default
 ``./diffprobe_demo``) with its own raw/preprocessed/results roots. Every stage resumes, so
-rerunning after an interruption continues where it stopped. ``compare_random`` also probes
-a randomly initialised, untrained denoiser (same BPR, head and budget) and prints both rows.
+rerunning after an interruption continues where it stopped. ``compare`` adds two controls
+with the same head and budget: the probe on a randomly initialised, untrained denoiser
+(PyTorch's standard init, :mod:`diffprobe.pretraining.baseline`; same BPR) and the head on the
+image + guidance channels alone (no denoiser). The full set of controls, with a from-scratch
+UNet and fine-tuning, is ``diffprobe ablate controls``.
 """
 
 from __future__ import annotations
@@ -54,22 +57,24 @@ def _timed(result: DemoResult, stage: str, fn, *args, **kwargs):
     return out
 
 
-def _probe_and_score(result: DemoResult, pretrained: str, size: DemoSize, device: str, show: bool) -> dict:
+def _probe_and_score(result: DemoResult, pretrained: str, size: DemoSize, device: str, show: bool,
+                     extractor: str = "denoiser", name: str | None = None) -> dict:
     from diffprobe.evaluation import evaluate_folders
     from diffprobe.predict.predictor import predict
     from diffprobe.probe.model import ProbeFolder, configuration_name
     from diffprobe.workflows.train_probe import train_probe
 
-    config = configuration_name(pretrained, "fpn", False)
+    name = name or pretrained
+    config = configuration_name(pretrained, "fpn", False) + ("" if extractor == "denoiser" else f"__{extractor}")
     probe_folder = ProbeFolder.of(1, config, "all")
     if not probe_folder.checkpoint.is_file():
         resume = probe_folder.meta_path.is_file()
-        _timed(result, f"train ({pretrained})", train_probe, 1, "all", pretrained, device=device, resume=resume,
+        _timed(result, f"train ({name})", train_probe, 1, "all", pretrained, device=device, resume=resume,
                overrides={"steps": size.probe_steps, "width": size.probe_width}, show_progress=show,
-               final_validation=False)
+               final_validation=False, configuration=config, extractor=extractor)
     raw = paths.raw_dataset_dir(1)
-    preds = result.folder / "predictions" / pretrained
-    _timed(result, f"predict ({pretrained})", predict, raw / "imagesTs", preds, dataset=1, configuration=config,
+    preds = result.folder / "predictions" / name
+    _timed(result, f"predict ({name})", predict, raw / "imagesTs", preds, dataset=1, configuration=config,
            device=device, continue_prediction=True, show_progress=show)
     from diffprobe.dataset.dataset_json import load_dataset_json
 
@@ -78,9 +83,29 @@ def _probe_and_score(result: DemoResult, pretrained: str, size: DemoSize, device
                   output=preds / "summary.json", show_progress=False)
 
 
-def run_demo(folder: str | Path = "diffprobe_demo", compare_random: bool = False, size: DemoSize | None = None,
-             device: str = "auto", show_progress: bool = True) -> DemoResult:
-    """Run (or continue) the demo in ``folder``; returns the evaluation rows, timings and figures."""
+def _drop_stale_probe(result: DemoResult, pretrained: str) -> None:
+    """Forget the random-init probe and predictions of an older demo whose denoiser was rebuilt
+    (older versions made a degenerate one; the probe would refuse to load)."""
+    import shutil
+
+    from diffprobe.pretraining.pretrained_model import PretrainedModel
+    from diffprobe.probe.model import ProbeFolder, configuration_name
+    from diffprobe.utils import read_json
+
+    probe = ProbeFolder.of(1, configuration_name(pretrained, "fpn", False), "all")
+    if probe.meta_path.is_file() and read_json(probe.meta_path).get("pretrained_checksum") != \
+            PretrainedModel(pretrained).checksum():
+        shutil.rmtree(probe.folder)
+        shutil.rmtree(result.folder / "predictions" / pretrained, ignore_errors=True)
+
+
+def run_demo(folder: str | Path = "diffprobe_demo", compare: bool = False, size: DemoSize | None = None,
+             device: str = "auto", show_progress: bool = True, *, compare_random: bool | None = None) -> DemoResult:
+    """Run (or continue) the demo in ``folder``; returns the evaluation rows, timings and figures.
+
+    ``compare_random`` is the deprecated name of ``compare``.
+    """
+    compare = compare or bool(compare_random)
     from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
     from diffprobe.pretraining.pretrain import pretrain
     from diffprobe.pretraining.pretrained_model import PretrainedModel
@@ -103,11 +128,14 @@ def run_demo(folder: str | Path = "diffprobe_demo", compare_random: bool = False
                    resume=model.exists, show_progress=show_progress,
                    overrides={"bpr_steps": size.bpr_steps, "diffusion_steps": size.diffusion_steps})
         result.rows["pretrained"] = _probe_and_score(result, "demo", size, device, show_progress)
-        if compare_random:
+        if compare:
             from diffprobe.pretraining.baseline import make_random_init_model
 
             make_random_init_model("demo", "demo_random_init")
+            _drop_stale_probe(result, "demo_random_init")
             result.rows["random init"] = _probe_and_score(result, "demo_random_init", size, device, show_progress)
+            result.rows["no backbone"] = _probe_and_score(result, "demo", size, device, show_progress,
+                                                          extractor="input", name="demo_no_backbone")
         from diffprobe.overlays import plot_overlays
 
         result.figures.append(plot_overlays(raw / "imagesTs", raw / "labelsTs", result.folder / "predictions" / "demo",

@@ -30,6 +30,8 @@ from diffprobe.probe.feature_pool import FeaturePool, feature_bytes_per_patch, p
 from diffprobe.probe.head import HEADS
 from diffprobe.probe.losses import dice_per_class, segmentation_loss
 from diffprobe.probe.model import (
+    EXTRACTORS,
+    INITS,
     PROBE_FORMAT,
     ProbeModel,
     build_probe,
@@ -141,17 +143,43 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
                 finetune: bool = False, device: str = "auto", resume: bool = False,
                 overrides: dict[str, Any] | None = None, timesteps: list[int] | None = None,
                 seed: int = 0, show_progress: bool = True, final_validation: bool = True,
-                configuration: str | None = None) -> ProbeTrainResult:
-    """Train one fold's probe; returns its folder, training history and validation summary."""
+                configuration: str | None = None, extractor: str = "denoiser", init: str = "pretrained",
+                train_cases: list[str] | None = None) -> ProbeTrainResult:
+    """Train one fold's probe; returns its folder, training history and validation summary.
+
+    The controls of ``diffprobe ablate controls`` (defaults: the method itself):
+    ``extractor="input"`` trains the head on the input pooled to the denoiser's scales (no
+    denoiser features); ``init="scratch"`` trains the denoiser's architecture from a standard
+    random initialisation end to end (implies ``finetune``); ``train_cases`` restricts the
+    fold's training cases to a subset (label-efficiency sweep). All three go to probe.json.
+    """
     if head not in HEADS:
         raise DiffprobeError(f"unknown head '{head}'", fix=f"use one of {', '.join(HEADS)}")
+    if extractor not in EXTRACTORS or init not in INITS or (extractor == "input" and (init != "pretrained"
+                                                                                      or finetune)):
+        raise ValueError(f"extractor {extractor!r} / init {init!r} / finetune {finetune}: use extractor one of "
+                         f"{EXTRACTORS}, init one of {INITS}; the input extractor has nothing to train or init")
+    finetune = finetune or init == "scratch"  # a network from random weights must be trained
     dev = dist_utils.init_from_env(resolve_device(device))
     model = PretrainedModel(pretrained)
-    denoiser, pmeta = model.load_denoiser(dev), model.meta
+    pmeta = model.meta
+    if init == "scratch":
+        from diffprobe.pretraining.baseline import standard_init_denoiser
+
+        denoiser = standard_init_denoiser(model, seed).to(dev)
+    else:
+        denoiser = model.load_denoiser(dev)
     refs, plans, data_dir = dataset_volumes(dataset, model, dev)
     cfg = probe_config(overrides, plans)
     labelled = labelled_ids(data_dir, [r.identifier for r in refs])
     train_ids, val_ids = fold_cases(data_dir.parent, labelled, str(fold))
+    if train_cases is not None:
+        unknown = sorted(set(train_cases) - set(train_ids))
+        if unknown or not train_cases:
+            raise DiffprobeError(f"train_cases must be a non-empty subset of fold {fold}'s training cases "
+                                 f"(not in it: {', '.join(unknown[:5]) or 'none given'})", data_dir.parent,
+                                 "choose cases from the fold's training cases (splits_final.json)")
+        train_ids = [i for i in train_ids if i in set(train_cases)]
     dataset_timesteps = [int(t) for t in (timesteps or plans["diffusion"]["feature_timesteps"])]
     # the dataset plans its timesteps under its schedule; the denoiser knows its own: map by noise level
     timesteps = model_timesteps(plans, pmeta["plans"], dataset_timesteps, pretrained, data_dir.parent / "plans.json")
@@ -159,14 +187,15 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
     num_classes = max(labels.values()) + 1
     patch = model.plans.patch_size
     torch.manual_seed(seed)  # the head's initialisation: same seed, same probe
-    probe = build_probe(denoiser, pmeta, timesteps, cfg["levels"], head, num_classes, cfg["width"], finetune)
+    probe = build_probe(denoiser, pmeta, timesteps, cfg["levels"], head, num_classes, cfg["width"], finetune,
+                        extractor)
     probe = probe.to(dev)
 
     folder = probe_dir(dataset, configuration or configuration_name(pretrained, head, finetune), str(fold))
     meta = {"format": PROBE_FORMAT, "diffprobe_version": __version__, "dataset": data_dir.parent.parent.name,
             "fold": str(fold), "pretrained": pretrained, "pretrained_checksum": model.checksum(),
             "guidance": pmeta["guidance"], "head": head, "finetune": finetune, "timesteps": timesteps,
-            "dataset_timesteps": dataset_timesteps,
+            "dataset_timesteps": dataset_timesteps, "extractor": extractor, "init": init,
             "levels": probe.extractor.levels, "patch_size": patch, "num_classes": num_classes, "labels": labels,
             "train_cases": train_ids, "val_cases": val_ids, "config": cfg, "seed": seed, "plans": plans}
     meta_path = folder / "probe.json"
@@ -174,8 +203,9 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
         raise DiffprobeError("this probe was already trained", folder, "continue it with --c or delete the folder")
     if meta_path.is_file():
         old = read_json(meta_path)
-        keys = ("pretrained_checksum", "timesteps", "head", "finetune", "patch_size")
-        changed = [k for k in keys if old[k] != meta[k]]
+        keys = ("pretrained_checksum", "timesteps", "head", "finetune", "patch_size", "extractor", "init")
+        defaults = {"extractor": "denoiser", "init": "pretrained"}  # probe.json written before these keys
+        changed = [k for k in keys if old.get(k, defaults.get(k)) != meta[k]]
         if changed:
             raise DiffprobeError(f"--c with different {', '.join(changed)} than the original run", meta_path,
                                  "use the original settings, or train into a fresh folder")

@@ -1,0 +1,238 @@
+"""``ablate controls``: the method against the controls that tell whether pretraining helps.
+
+All rows share the dataset, fold (training cases, validation cases), preprocessing, patch,
+head, probe settings and seed; they differ only in where the features come from:
+
+* ``pretrained``: the method — frozen pretrained denoiser + probe;
+* ``random_init``: the same probe on a denoiser that never saw CT, with PyTorch's standard
+  initialisation everywhere (:mod:`diffprobe.pretraining.baseline`; not the network's own
+  zero-branch init, which makes an untrained denoiser degenerate);
+* ``no_backbone``: the same head on the image and the guidance channels alone, pooled to the
+  denoiser's scales (:mod:`diffprobe.probe.input_features`): what intensity + position give;
+* ``from_scratch``: the same UNet (fresh standard init) + head trained end to end on the
+  labels, given as many steps as fit the method's whole compute (pretraining + probe,
+  :mod:`~diffprobe.workflows.ablations.time_budget`);
+* ``finetune``: the method's denoiser fine-tuned with the head (``diffprobe train --finetune``).
+
+Dice per class on the fold's validation cases and, when the raw dataset has them, on
+imagesTs/labelsTs; CSV + PNG in ``ablations/controls/``; finished rows are reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffprobe import paths
+from diffprobe.errors import DiffprobeError
+from diffprobe.workflows.ablations.control_runs import (
+    RowResult,
+    RowSpec,
+    load_record,
+    measure_step_seconds,
+    run_row,
+    save_record,
+)
+from diffprobe.workflows.ablations.sweep import SweepConfig, ablation_dir, nanmean
+from diffprobe.workflows.ablations.time_budget import pretrain_seconds, steps_within
+
+CONTROL_ROWS = ("pretrained", "random_init", "no_backbone", "from_scratch", "finetune")
+DESCRIPTIONS = {
+    "pretrained": "frozen pretrained denoiser + probe (the method)",
+    "random_init": "frozen randomly initialised denoiser (PyTorch default init) + probe",
+    "no_backbone": "probe head on image + guidance channels only",
+    "from_scratch": "same UNet + head trained end to end from random init, method's compute",
+    "finetune": "pretrained denoiser + head, both trained (--finetune)",
+}
+# A from-scratch UNet at the probe's frozen-head lr (2e-2) diverges and at the fine-tune lr (1e-4)
+# barely moves in a CPU budget; 1e-3 is AdamW's usual rate for a small GroupNorm UNet.
+SCRATCH_LR = 1e-3
+QUICK_STEPS = 4  # --quick: probe steps of every row, and the cap on from_scratch's
+QUICK_PRETRAIN = {"bpr_steps": 2, "diffusion_steps": 2, "num_workers": 0}
+
+
+@dataclass
+class ControlsResult:
+    rows: list[RowResult]
+    classes: list[str]
+    size_groups: dict[str, list[str]]
+    columns: list[str]
+    table: list[dict]
+    csv: Path
+    png: Path
+    budget: dict
+
+
+def configuration(row: str, pretrained: str, head_suffix: str = "") -> str:
+    return f"controls_{row}__{pretrained}{head_suffix}"
+
+
+def prepare_model(config: SweepConfig, pretrained: str, pretrain_missing: bool) -> None:
+    """The method's model: finished, or pretrained now as planned (``--pretrain``)."""
+    from diffprobe.pretraining.pretrained_model import PretrainedModel
+    from diffprobe.workflows.ablations.model_comparison import ensure_model
+
+    if PretrainedModel(pretrained).finished:
+        return
+    if not pretrain_missing:
+        raise DiffprobeError(f"no finished pretrained model named '{pretrained}'", PretrainedModel(pretrained).folder,
+                             "pretrain it (diffprobe pretrain -d ID --name NAME) or add --pretrain")
+    ensure_model(config, pretrained, "bpr", "planned")
+
+
+def scratch_steps_for(config: SweepConfig, spec: RowSpec, budget_seconds: float, record: dict, quick: bool,
+                      timing_steps: int) -> tuple[int, dict]:
+    """(steps, how they were chosen) for a from-scratch row: recorded, or measured to fit the budget."""
+    from diffprobe.probe.model import ProbeFolder
+
+    folder = ProbeFolder.of(config.dataset, spec.configuration, config.fold)
+    if folder.meta_path.is_file():  # started before: keep its budget (a rerun must not change its steps)
+        steps = int(folder.read_meta()["config"]["steps"])
+        return steps, record.get(f"budget/{spec.configuration}", {"steps": steps, "source": "earlier run"})
+    key = f"step_seconds/{spec.pretrained}"
+    if key not in record:
+        record[key] = measure_step_seconds(config, spec, warm=1 if quick else 2, timed=timing_steps)
+    step_s = float(record[key])
+    steps = steps_within(budget_seconds, step_s)
+    info = {"budget_seconds": budget_seconds, "step_seconds": step_s, "steps_fitting": steps}
+    if quick:
+        steps = min(steps, QUICK_STEPS)
+    info["steps"] = steps
+    record[f"budget/{spec.configuration}"] = info
+    return steps, info
+
+
+def control_specs(config: SweepConfig, pretrained: str, scratch_lr: float) -> dict[str, RowSpec]:
+    sfx = config.head_suffix
+    return {
+        "pretrained": RowSpec("pretrained", pretrained, configuration("pretrained", pretrained, sfx)),
+        "random_init": RowSpec("random_init", f"{pretrained}_random_init",
+                               configuration("random_init", pretrained, sfx)),
+        "no_backbone": RowSpec("no_backbone", pretrained, configuration("no_backbone", pretrained, sfx),
+                               extractor="input"),
+        "from_scratch": RowSpec("from_scratch", pretrained, configuration("from_scratch", pretrained, sfx),
+                                init="scratch", overrides={"finetune_lr": scratch_lr}),
+        "finetune": RowSpec("finetune", pretrained, configuration("finetune", pretrained, sfx), finetune=True),
+    }
+
+
+def ablate_controls(config: SweepConfig, pretrained: str = "default", pretrain_missing: bool = False,
+                    quick: bool = False, scratch_steps: int | None = None, scratch_lr: float = SCRATCH_LR,
+                    rows: tuple[str, ...] = CONTROL_ROWS) -> ControlsResult:
+    """Train (or reuse) every control row and write the table and figure (module docstring)."""
+    from diffprobe.pretraining.baseline import make_random_init_model
+    from diffprobe.pretraining.pretrained_model import PretrainedModel
+    from diffprobe.workflows.ablations.organ_sizes import class_sizes, size_groups
+
+    unknown = [r for r in rows if r not in CONTROL_ROWS]
+    if unknown:
+        raise DiffprobeError(f"unknown control row(s) {', '.join(unknown)}", fix=f"use {', '.join(CONTROL_ROWS)}")
+    if quick:
+        config = dataclasses.replace(config, steps=config.steps or QUICK_STEPS,
+                                     pretrain_overrides={**QUICK_PRETRAIN, **{k: v for k, v in
+                                                         config.pretrain_overrides.items() if v is not None}})
+    prepare_model(config, pretrained, pretrain_missing)
+    if "random_init" in rows:
+        make_random_init_model(pretrained, f"{pretrained}_random_init")
+    out = ablation_dir(config.dataset, "controls")
+    stem = config.stem(pretrained)
+    record_path = out / f"{stem}.record.json"
+    record = load_record(record_path)
+    specs = control_specs(config, pretrained, scratch_lr)
+    total, details = pretrain_seconds(PretrainedModel(pretrained), "cpu")
+    budget = {"pretrain_seconds": total, **details}
+    results: dict[str, RowResult] = {}
+    try:
+        for row in [r for r in CONTROL_ROWS if r in rows]:
+            spec = specs[row]
+            if row == "from_scratch":
+                if "pretrained" not in results:  # its budget is the method's cost
+                    results["pretrained"] = run_row(config, specs["pretrained"], record, _test_dir(out, stem,
+                                                                                                  "pretrained"))
+                method = results["pretrained"]
+                probe_s = method.train_seconds if not math.isnan(method.train_seconds) else method.wall_seconds
+                budget["probe_seconds"] = probe_s
+                budget["budget_seconds"] = total + probe_s
+                if scratch_steps is not None:
+                    steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
+                else:
+                    steps, info = scratch_steps_for(config, spec, total + probe_s, record, quick,
+                                                    1 if quick else 4)
+                budget["from_scratch"] = info
+                spec = dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
+            if row not in results:
+                results[row] = run_row(config, spec, record, _test_dir(out, stem, row))
+    finally:
+        save_record(record_path, record)
+    ordered = [results[r] for r in CONTROL_ROWS if r in rows]
+    sizes = class_sizes(config.dataset)
+    groups, classes = size_groups(sizes), list(sizes)
+    columns, table = control_table(ordered, classes, groups, budget)
+    from diffprobe.workflows.ablations.report import write_csv
+
+    csv_path = write_csv(out / f"{stem}.csv", columns, table)
+    title = f"{paths.dataset_name(config.dataset)}: controls, model {pretrained}, fold {config.fold}"
+    png = plot_rows(ordered, classes, title, out / f"{stem}.png")
+    return ControlsResult(ordered, classes, groups, columns, table, csv_path, png, budget)
+
+
+def _test_dir(out: Path, stem: str, row: str) -> Path:
+    return out / "test_predictions" / stem / row
+
+
+def control_table(results: list[RowResult], classes: list[str], groups: dict[str, list[str]],
+                  budget: dict) -> tuple[list[str], list[dict]]:
+    """CSV columns and rows: settings and seconds, validation Dice, test Dice, configuration."""
+    columns = (["row", "description", "model", "steps", "pretrain_seconds", "train_seconds", "wall_seconds",
+                "budget_seconds"] + [f"dice_{c}" for c in classes] + [f"dice_{g}" for g in groups]
+               + ["dice_mean", "test_cases"] + [f"test_dice_{c}" for c in classes] + ["test_dice_mean",
+                                                                                       "configuration"])
+    table = []
+    for r in results:
+        row = r.spec.row
+        costs_pretraining = row in ("pretrained", "finetune")  # the rows that need the pretraining to exist
+        table.append({
+            "row": row, "description": DESCRIPTIONS.get(row, row), "model": r.spec.pretrained, "steps": r.steps,
+            "pretrain_seconds": budget["pretrain_seconds"] if costs_pretraining else 0.0,
+            "train_seconds": r.train_seconds, "wall_seconds": r.wall_seconds,
+            "budget_seconds": budget.get("budget_seconds", float("nan")) if row == "from_scratch" else "",
+            **{f"dice_{c}": r.dice.get(c, float("nan")) for c in classes},
+            **{f"dice_{g}": nanmean(r.dice.get(c, float("nan")) for c in members) for g, members in groups.items()},
+            "dice_mean": r.mean, "test_cases": r.test_cases,
+            **{f"test_dice_{c}": r.test_dice.get(c, float("nan")) for c in classes},
+            "test_dice_mean": r.test_mean, "configuration": r.spec.configuration})
+    return columns, table
+
+
+def plot_rows(results: list[RowResult], classes: list[str], title: str, path: Path) -> Path:
+    """Grouped bars of Dice per class and the mean, one bar per row; a second panel for the test set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from diffprobe.utils import save_figure
+
+    panels = [("validation", lambda r: r.dice, lambda r: r.mean)]
+    if any(r.test_cases for r in results):
+        panels.append(("test (imagesTs)", lambda r: r.test_dice, lambda r: r.test_mean))
+    cats = [*classes, "mean"]
+    x = np.arange(len(cats))
+    width = 0.8 / max(1, len(results))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7, 1.1 * len(cats) + 2), 3.6 * len(panels)), squeeze=False)
+    for ax, (name, dice, mean) in zip(axes[:, 0], panels):
+        for i, r in enumerate(results):
+            vals = [dice(r).get(c, float("nan")) for c in classes] + [mean(r)]
+            ax.bar(x - 0.4 + width * (i + 0.5), np.nan_to_num(vals, nan=0.0), width, label=r.spec.row)
+        ax.set_xticks(x)
+        ax.set_xticklabels(cats, fontsize=8)
+        ax.set_ylabel(f"{name} Dice")
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=8, ncol=min(5, len(results)))
+    axes[0, 0].set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
