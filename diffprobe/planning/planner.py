@@ -151,7 +151,7 @@ def plan(fingerprint: dict, *, size_class: str = "paper", patch_size: list[int] 
     spacings = np.asarray(fingerprint["spacings"], dtype=float)
     after = np.asarray(fingerprint["shapes_after_crop"], dtype=float)
     spacing = [float(v) for v in target_spacing_override] if target_spacing_override else \
-        target_spacing(spacings, after)
+        [max(s, m) for s, m in zip(target_spacing(spacings, after), cls.get("min_spacing") or [0.0] * 3)]
     median_shape = np.median(after * spacings / np.asarray(spacing), axis=0)
     aim = list(patch_size) if patch_size else list(cls["patch_aim"])
     cap = aim if patch_size else [int(math.ceil(s)) for s in median_shape]
