@@ -27,7 +27,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Options that take several values nnU-Net style (``-d 1 2 3``); rewritten to repeated options.
-MULTI_VALUE_OPTIONS = {"-d", "--dataset", "--t", "--timesteps", "--models", "-f", "--fold", "--n"}
+MULTI_VALUE_OPTIONS = {"-d", "--dataset", "--t", "--timesteps", "--models", "-f", "--fold", "--n", "--levels"}
 
 
 def command(name: str, example: str, **kwargs) -> Callable:
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             data_commands,
             demo_commands,
             evaluate_commands,
+            features_commands,
             pretrain_commands,
             probe_commands,
         )

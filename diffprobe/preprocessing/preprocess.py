@@ -128,3 +128,19 @@ def revert_to_original(array_zyx: np.ndarray, props: dict, is_seg: bool, fill_va
     full[sl] = x[0].astype(dtype, copy=False)
     amap = AxisMap.from_dict(props["axis_map_to_canonical"])
     return undo_canonical(full, amap), Geometry.from_dict(props["original_geometry"])
+
+
+def preprocess_input(case: Case, plans: dict, dataset_name: str) -> tuple[np.ndarray, dict]:
+    """An unseen input (predict, features) read, integrity-checked and preprocessed as planned.
+
+    The dataset.json is not at hand for an input folder: channels and labels come from the plans.
+    """
+    from diffprobe.io.image_io import file_ending
+
+    info = DatasetInfo(case.images[0].parent, dataset_name, {int(k): v for k, v in plans["channel_names"].items()},
+                       plans["labels"], 0, file_ending(case.images[0]) if case.images[0].is_file() else ".nii.gz", {})
+    checked, problems = check_case(case, info)
+    if checked is None:
+        raise DiffprobeError(problems[0].what, problems[0].file, problems[0].fix)
+    data, _, props = preprocess_checked(checked, info, plans)
+    return data, props
