@@ -43,7 +43,7 @@ def test_stitching_equals_extractor_on_one_tile():
     from diffprobe.diffusion import GaussianDiffusion
     from diffprobe.models import DiffusionUNet
     from diffprobe.planning import planner
-    from diffprobe.probe.embeddings import tile_starts, volume_features
+    from diffprobe.predict.embeddings import tile_starts, volume_features
     from diffprobe.probe.features import FeatureExtractor, patch_seed
 
     levels = planner.topology([8, 16, 16], [2.0, 1.0, 1.0], 3, 8, 16)

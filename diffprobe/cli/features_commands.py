@@ -21,7 +21,7 @@ def features_cmd(
 ) -> None:
     """Write the frozen denoiser's multi-timestep features of a volume on its preprocessed grid (.npz)."""
     from diffprobe.devices import resolve_device
-    from diffprobe.probe.embeddings import extract_features
+    from diffprobe.predict.embeddings import extract_features
 
     path = extract_features(image, output, pretrained, levels or None, timesteps or None, resolve_device(device))
     console.print(f"[green]wrote[/] {path}", highlight=False)
