@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffprobe.models.tiling import separable_gaussian, tile_average, window_starts
+
 DEFAULT_STRIDES = [[1, 2, 2], [2, 2, 2], [2, 2, 2]]
 
 
@@ -134,25 +136,6 @@ class BodyPartRegressor(nn.Module):
         return self.head(self.context(self.encoder(self.stem(x))))
 
 
-def _gaussian_weights(shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """Separable Gaussian window (sigma = 1/4 of the size) favouring window centres (more context)."""
-    w = torch.ones((), device=device)
-    for n in shape:
-        t = torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
-        g = torch.exp(-0.5 * (t / max(n / 4, 1e-3)) ** 2)
-        w = w[..., None] * (g / g.max()).clamp_min(1e-3)
-    return w
-
-
-def _window_starts(size: int, patch: int, step: int, stride: int) -> list[int]:
-    """Window starts covering [0, size), multiples of ``stride`` so outputs align on the low-res grid."""
-    if size <= patch:
-        return [0]
-    n = math.ceil((size - patch) / step) + 1
-    starts = {int(round(i * (size - patch) / (n - 1) / stride)) * stride for i in range(n)}
-    return sorted(starts | {size - patch})
-
-
 @torch.no_grad()
 def predict_coordinates(model: BodyPartRegressor, volume: np.ndarray | Tensor,
                         patch_size: tuple[int, int, int] | None = None, full_resolution: bool = True,
@@ -197,25 +180,20 @@ def predict_coordinates(model: BodyPartRegressor, volume: np.ndarray | Tensor,
         if patch_size is None or all(t <= p for t, p in zip(target, patch_size, strict=True)):
             low = model(x)[0]
         else:
-            low_shape = tuple(t // s for t, s in zip(target, stride, strict=True))
+            # The probe's tile loop (diffprobe.models.tiling): windows on multiples of the
+            # stride, a separable Gaussian on the low-res output, tile_batch windows per forward
+            # (small convolutions amortise per-call costs).
             patch_low = tuple(p // s for p, s in zip(patch_size, stride, strict=True))
-            weights = _gaussian_weights(patch_low, x.device)
-            acc = torch.zeros((3, *low_shape), device=x.device, dtype=torch.float32)
-            norm = torch.zeros(low_shape, device=x.device, dtype=torch.float32)
-            starts = [_window_starts(t, p, max(p // 2, s), s)
+            starts = [window_starts(t, p, max(p // 2, s), align=s)
                       for t, p, s in zip(target, patch_size, stride, strict=True)]
-            tiles = list(itertools.product(*starts))
-            for first in range(0, len(tiles), tile_batch):  # batched: small convs amortise per-call costs
-                chunk = tiles[first:first + tile_batch]
-                batch = torch.cat([x[..., sz:sz + patch_size[0], sy:sy + patch_size[1], sx:sx + patch_size[2]]
-                                   for sz, sy, sx in chunk])
-                for out, (sz, sy, sx) in zip(model(batch), chunk):
-                    lz, ly, lx = sz // stride[0], sy // stride[1], sx // stride[2]
-                    region = (slice(lz, lz + patch_low[0]), slice(ly, ly + patch_low[1]),
-                              slice(lx, lx + patch_low[2]))
-                    acc[(slice(None), *region)] += out.float() * weights
-                    norm[region] += weights
-            low = acc / norm
+            pz, py, px = patch_size
+
+            def predict_batch(chunk: list[tuple[int, int, int]]) -> Tensor:
+                return model(torch.cat([x[..., sz:sz + pz, sy:sy + py, sx:sx + px] for sz, sy, sx in chunk]))
+
+            low = tile_average(list(itertools.product(*starts)), predict_batch, 3, target, patch_size,
+                               separable_gaussian(patch_low, x.device), stride=stride, batch_size=tile_batch,
+                               device=x.device)
     finally:
         model.train(was_training)
 

@@ -16,6 +16,10 @@ Measured effects are in docs/performance.md (``benchmarks/bench_predict_phases.p
   ~90 s and gained nothing; off by default, for long GPU runs.
 * ``tile_batch``: tiles per forward (each tile runs once per feature timestep, so a batch of
   2 tiles x 3 timesteps is a forward of 6 samples).
+* ``share_features``: fold heads on the same frozen denoiser (same pretrained model and checksum,
+  timesteps, levels, patch size; not finetuned) share one feature extraction per tile, and their
+  logits are averaged per tile (Gaussian weighting is linear, so this equals averaging the folds'
+  windows to float rounding). On by default; off runs one extraction per fold (the old path).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class InferenceSettings:
     compile: bool = False
     tile_batch: int = 2
     pipeline: bool = True  # overlap reading the next case and writing the last with the current window
+    share_features: bool = True  # fold heads on one frozen denoiser: one feature extraction per tile
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -67,8 +72,15 @@ def prepare_model(model: torch.nn.Module, settings: InferenceSettings) -> torch.
     model = model.to(memory_format=memory_format(settings))
     if settings.compile:
         model.extractor.denoiser = torch.compile(model.extractor.denoiser, dynamic=False)
-        model.head = torch.compile(model.head, dynamic=False)
+    model.head = prepare_head(model.head, settings)
     return model
+
+
+def prepare_head(head: torch.nn.Module, settings: InferenceSettings) -> torch.nn.Module:
+    """A probe head in the settings' memory format, compiled if asked (for heads that share an extractor
+    another probe's ``prepare_model`` already prepared)."""
+    head = head.to(memory_format=memory_format(settings))
+    return torch.compile(head, dynamic=False) if settings.compile else head
 
 
 @contextlib.contextmanager

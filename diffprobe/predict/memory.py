@@ -10,9 +10,11 @@ guidance channels; bytes):
   + 8 M``.
 * **sliding window** — the volume (4 M), the guidance channels (4 G M), the weighted logit sum
   (4 K M, divided in place), the weight sum (4 M), a second logit sum when folds are ensembled:
-  ``4 M (2 + G + K [+ K])``; plus the denoiser's working memory on one batch of tiles (2 tiles x
-  the feature timesteps), bounded by the planner's per-sample training-activation estimate
-  (inference keeps fewer tensors alive, so this over-states it).
+  ``4 M (2 + G + K [+ K])`` (the second sum only when several windows are summed: fold heads
+  sharing one denoiser share one window); plus the denoiser's working memory on one batch of tiles
+  (``tile_batch`` tiles x the feature timesteps; bf16 activations count half), bounded by the
+  planner's per-sample training-activation estimate (inference keeps fewer tensors alive, so this
+  over-states it).
 * **back to the raw grid** — the uint8 label map resampled slice by slice, un-cropped,
   re-oriented and handed to SimpleITK: ~``WRITE_BYTES_PER_RAW_VOXEL * N``; with
   ``--save_probabilities`` also K float32 planes on the planned grid and K float16 on the raw grid.
@@ -102,32 +104,38 @@ def image_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     return tuple(reader.GetSize()), tuple(reader.GetSpacing())
 
 
-def estimate_for_input(image: Path, meta: dict, num_probes: int = 1,
-                       save_probabilities: bool = False) -> MemoryEstimate:
-    """The bound for predicting ``image`` (its header only is read) with a probe whose probe.json is ``meta``."""
+def estimate_for_input(image: Path, meta: dict, num_probes: int = 1, save_probabilities: bool = False, *,
+                       tile_batch: int = 2, bf16: bool = False, network: dict | None = None) -> MemoryEstimate:
+    """The bound for predicting ``image`` (its header only is read) with a probe whose probe.json is ``meta``.
+
+    ``num_probes``: sliding windows whose logits are summed (the predictor passes its number of
+    feature-extraction groups: fold heads sharing one denoiser run in one window). ``tile_batch``,
+    ``bf16`` and ``network``: see :func:`network_working_bytes` (the predictor passes its settings' and
+    its loaded denoiser's).
+    """
     size_xyz, spacing_xyz = image_header(image)
     target_xyz = tuple(reversed(meta["plans"]["preprocessing"]["target_spacing"]))
     return estimate_predict_bytes(size_xyz[:3], spacing_xyz[:3], target_xyz, int(meta["num_classes"]),
                                   guidance_channels(meta.get("guidance", "bpr")), num_probes,
-                                  save_probabilities, network_working_bytes(meta))
+                                  save_probabilities, network_working_bytes(meta, tile_batch, bf16=bf16,
+                                                                            network=network))
 
 
-def network_working_bytes(meta: dict, tiles_per_batch: int = 2) -> float:
+def network_working_bytes(meta: dict, tiles_per_batch: int = 2, *, bf16: bool = False,
+                          network: dict | None = None) -> float:
     """Upper bound on the denoiser's memory for one batch: tiles x timesteps samples, each at the
-    planner's training-activation estimate for the pretrained model's levels (its preset's, from
-    model.json; the plans' network when that file is not found)."""
-    from diffprobe.planning.planner import estimate_memory_gb
-    from diffprobe.pretraining.pretrain import model_dir
-    from diffprobe.utils import read_json
+    planner's training-activation estimate (fp32) for the network's levels, halved for bf16 activations.
 
-    network = meta["plans"]["network"]
-    levels, blocks = network["levels"], network["blocks_per_level"]
-    model_json = model_dir(meta["pretrained"]) / "model.json" if meta.get("pretrained") else None
-    if model_json is not None and model_json.is_file():
-        preset = read_json(model_json).get("preset", {})
-        levels, blocks = preset.get("levels", levels), preset.get("blocks_per_level", blocks)
-    samples = tiles_per_batch * max(1, len(meta.get("timesteps", [1])))
-    return samples * estimate_memory_gb(levels, blocks) * 1024**3
+    ``network`` is a plans-style network dict (``levels`` with ``tokens``, ``channels``,
+    ``attention``; ``blocks_per_level``): the predictor passes the loaded denoiser's at the probe's
+    tile size (``FeatureExtractor.network_summary``); without it, the plans snapshot in probe.json.
+    """
+    from diffprobe.planning.planner import estimate_memory_gb
+
+    network = network or meta["plans"]["network"]
+    samples = int(tiles_per_batch) * max(1, len(meta.get("timesteps", [1])))
+    per_sample = estimate_memory_gb(network["levels"], network.get("blocks_per_level", 2)) * 1024**3
+    return samples * per_sample * (0.5 if bf16 else 1.0)
 
 
 def available_bytes() -> float | None:

@@ -5,8 +5,13 @@ preprocessed volume is covered by overlapping tiles whose logits are averaged wi
 importance map: voxels near a tile's centre had the most context, so that tile's opinion counts
 most there.  Tile placement (``compute_steps_for_sliding_window``) and the weights
 (``compute_gaussian``, sigma = patch/8) come from nnU-Net, so results match its predictor's
-conventions.  ``diffprobe.bpr.model.predict_coordinates`` is an unrelated, older sliding window on
-a low-resolution grid; this one is generic: the network is hidden behind ``predict_patch``.
+conventions.
+
+The window geometry and the tile loop (``diffprobe.models.tiling``: ``window_starts``,
+``nnunet_gaussian``, ``tile_average``) are shared with the body part regressor's whole-volume
+inference (``diffprobe.bpr.model.predict_coordinates``).  ``sliding_window_logits`` is the generic
+probe window: padding, guidance tiles and mirroring around that loop, the network hidden behind
+``predict_patch``.
 """
 
 from __future__ import annotations
@@ -18,16 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffprobe.models.tiling import (  # noqa: F401 - re-exported: the window's constants
+    MIN_WEIGHT,
+    VALUE_SCALING_FACTOR,
+    nnunet_gaussian,
+    tile_average,
+    window_starts,
+)
+
 PatchPredictor = Callable[[Tensor, Tensor | None, list[tuple[int, int, int]]], Tensor]
 """``predict_patch(image_tiles, guidance_tiles, starts) -> logits``; see ``sliding_window_logits``."""
-
-# nnU-Net's predictor scales the Gaussian peak to 10 (keeps fp16 sums far from overflow).
-VALUE_SCALING_FACTOR = 10.0
-# Floor for the weights: 1e-4 of the peak, which only raises voxels farther than ~0.54 patch lengths
-# (per-axis normalised) from the tile centre, i.e. the tile's edges and corners.  There the raw
-# Gaussian falls to ~4e-10, zero or subnormal in fp16: 0/0 at volume corners, and logits * weight
-# loses all precision.  Applied in both modes, so fp16 and fp32 accumulation use the same weights.
-MIN_WEIGHT = 1e-3
 
 
 def _mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -96,19 +101,16 @@ def sliding_window_logits(
     (0=z, 1=y, 2=x); for the identity and every non-empty combination the tiles are flipped,
     predicted and flipped back, and the logits averaged (nnU-Net's TTA: 2**len(axes) calls per batch).
 
-    Tile starts come from nnU-Net's ``compute_steps_for_sliding_window`` (``step_size`` is the
-    fraction of the patch between tiles; 0.5 as nnU-Net), weights from ``compute_gaussian``
-    (sigma_scale 1/8, peak 10), floored at ``MIN_WEIGHT``.  Only two buffers on ``device`` hold
+    Tile starts follow nnU-Net's ``compute_steps_for_sliding_window`` (``window_starts``, float for
+    float; ``step_size`` is the fraction of the patch between tiles; 0.5 as nnU-Net), weights its
+    ``compute_gaussian`` (sigma_scale 1/8, peak 10), floored at ``MIN_WEIGHT`` (``nnunet_gaussian``);
+    the loop is ``diffprobe.models.tiling.tile_average``.  Only two buffers on ``device`` hold
     state — the weighted logit sum (K, padded shape) and the weight sum — in ``accumulate_dtype``
     (float16 halves memory on GPU; products are formed in float32 first).  The volume stays on its
     own device and tiles are copied to ``device`` (pass it there already to avoid transfers).
     Deterministic: fixed tile order and accumulation order, no gradients.
     ``progress(done, total)`` is called after every batch with tile counts.
     """
-    # Imported here so that ``import diffprobe.predict`` stays light (nnunetv2 pulls in scipy.ndimage).
-    # This nnunetv2 module imports only numpy, torch, scipy and acvl_utils (no torchvision/timm).
-    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
-
     patch_size = tuple(int(p) for p in patch_size)
     mirror_axes = tuple(int(a) for a in mirror_axes)
     _check_args(volume, guidance, patch_size, step_size, batch_size, mirror_axes, accumulate_dtype, num_classes)
@@ -124,22 +126,12 @@ def sliding_window_logits(
             guidance = F.pad(guidance[None], pad, mode="replicate")[0]
     padded = tuple(volume.shape[1:])
 
-    steps = compute_steps_for_sliding_window(padded, patch_size, step_size)
-    starts = list(itertools.product(*steps))
-    # compute_gaussian is lru_cached and returns a shared tensor: never modify it in place.
-    weight = compute_gaussian(patch_size, sigma_scale=1.0 / 8, value_scaling_factor=VALUE_SCALING_FACTOR,
-                              dtype=torch.float32, device=device).clamp_min(MIN_WEIGHT)
-    weight = weight.to(accumulate_dtype)  # identical (rounded) weights in numerator and denominator
-    weight32 = weight.float()
-
-    logit_sum = torch.zeros((num_classes, *padded), dtype=accumulate_dtype, device=device)
-    weight_sum = torch.zeros(padded, dtype=accumulate_dtype, device=device)
+    starts = list(itertools.product(*(window_starts(n, p, p * step_size) for n, p in zip(padded, patch_size))))
     combos = _mirror_combinations(mirror_axes)
     pz, py, px = patch_size
     expected = (num_classes, *patch_size)
 
-    for first in range(0, len(starts), batch_size):
-        batch = starts[first:first + batch_size]
+    def predict_batch(batch: list[tuple[int, int, int]]) -> Tensor:
         image = torch.stack([volume[:, z:z + pz, y:y + py, x:x + px] for z, y, x in batch]).to(device)
         guide = None if guidance is None else torch.stack(
             [guidance[:, z:z + pz, y:y + py, x:x + px] for z, y, x in batch]).to(device)
@@ -156,25 +148,9 @@ def sliding_window_logits(
             logits = out if logits is None else logits + out
         if len(combos) > 1:
             logits = logits / len(combos)  # not in place: ``logits`` may be predict_patch's own tensor
-        for tile, (z, y, x) in zip(logits, batch):
-            region = (slice(z, z + pz), slice(y, y + py), slice(x, x + px))
-            logit_sum[(slice(None), *region)] += (tile * weight32).to(accumulate_dtype)
-            weight_sum[region] += weight
-        if progress is not None:
-            progress(min(first + batch_size, len(starts)), len(starts))
+        return logits
 
-    crop = tuple(slice(b, b + n) for b, n in zip(before, shape))
-    if accumulate_dtype == torch.float32:
-        # In place: the K x volume sum becomes the result, so no second K x volume buffer is ever
-        # allocated (for a 512x512x600 CT and 7 classes that is ~2 GB). Contiguous when nothing was padded.
-        logit_sum.div_(weight_sum)
-        del weight_sum
-        result = logit_sum[(slice(None), *crop)] if any(pad) else logit_sum
-        return result.contiguous()
-    result = torch.empty((num_classes, *shape), dtype=torch.float32, device=device)
-    # Mixed-dtype division promotes to float32 and writes straight into ``result`` (no fp32 copy of the sums).
-    torch.div(logit_sum[(slice(None), *crop)], weight_sum[crop].float(), out=result)
-    if accumulate_dtype == torch.float16 and not torch.isfinite(result).all():
-        raise RuntimeError("non-finite logits after float16 accumulation: the weighted sums overflowed (or "
-                           "predict_patch returned inf/nan); use accumulate_dtype=torch.float32")
-    return result
+    crop = tuple(slice(b, b + n) for b, n in zip(before, shape)) if any(pad) else None
+    return tile_average(starts, predict_batch, num_classes, padded, patch_size,
+                        nnunet_gaussian(patch_size, accumulate_dtype, device), batch_size=batch_size, device=device,
+                        accumulate_dtype=accumulate_dtype, crop=crop, progress=progress)

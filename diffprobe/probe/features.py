@@ -12,6 +12,7 @@ always gives the same features, on any device, whatever the batch composition.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 
@@ -75,6 +76,24 @@ class FeatureExtractor(nn.Module):
     @property
     def feature_strides(self) -> dict[str, tuple[int, ...]]:
         return {f"dec{lv}": self.denoiser.feature_strides[f"dec{lv}"] for lv in self.levels}
+
+    @property
+    def signature(self) -> tuple:
+        """What the features depend on besides the denoiser's weights: timesteps, levels read and the
+        noise schedule. Two extractors with equal weights and equal signatures give identical features."""
+        betas = self.diffusion.betas
+        return (tuple(self.timesteps), tuple(self.levels), torch.as_tensor(betas).double().cpu().numpy().tobytes())
+
+    def network_summary(self, patch_size: Sequence[int]) -> dict:
+        """The denoiser as a plans-style network dict for one tile of ``patch_size`` (``levels`` with
+        ``tokens``, ``channels``, ``attention``; ``blocks_per_level``): what predict's RAM bound needs."""
+        den = self.denoiser
+        levels = []
+        for i in range(den.num_levels):
+            stride = den.feature_strides[f"dec{i}"]
+            tokens = math.prod(max(1, int(p) // int(s)) for p, s in zip(patch_size, stride, strict=True))
+            levels.append({"tokens": tokens, "channels": int(den.channels[i]), "attention": den.level_attention[i]})
+        return {"levels": levels, "blocks_per_level": len(den.encoder[0].blocks)}
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """A frozen denoiser stays in eval mode whatever the head does."""
