@@ -132,9 +132,9 @@ def trained_probe_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
                      overrides={"bpr_steps": 3, "diffusion_steps": 3, "num_workers": 0}, show_progress=False)
             # A near-initial head (low lr): its label maps hold several classes, which the
             # geometry tests need to see where labels land.
-            # seed 4: with seeded initial weights, seeds 0 and 5 give a head that predicts background only here
+            # seed 9: with the tiny size class planned here, seeds 4 and 10 give a head that predicts background only
             train_probe(1, "all", "tiny", overrides={"steps": 3, "validate_every": 0, "lr": 1e-3, "warmup_steps": 0},
-                        show_progress=False, final_validation=False, seed=4)
+                        show_progress=False, final_validation=False, seed=9)
     finally:
         torch.set_num_threads(old_threads)
     return roots

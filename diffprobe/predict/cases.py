@@ -14,11 +14,8 @@ import numpy as np
 import torch
 
 from diffprobe.dataset.cases import Case
-from diffprobe.dataset.dataset_json import DatasetInfo
-from diffprobe.dataset.integrity import check_case
-from diffprobe.errors import DiffprobeError
-from diffprobe.io.image_io import file_ending, write_image
-from diffprobe.preprocessing.preprocess import preprocess_checked, revert_to_original
+from diffprobe.io.image_io import write_image
+from diffprobe.preprocessing.preprocess import preprocess_input, revert_to_original
 from diffprobe.probe.model import TrainedProbe
 from diffprobe.utils import atomic_path
 
@@ -63,14 +60,7 @@ def load_case(probes: list[TrainedProbe], case: Case, timings: dict[str, float] 
     """Read, integrity-check and preprocess one input exactly as planned (no torch work: runs in a thread)."""
     started = time.perf_counter()
     meta = probes[0].meta
-    plans = meta["plans"]
-    info = DatasetInfo(case.images[0].parent, meta["dataset"], {int(k): v for k, v in plans["channel_names"].items()},
-                       plans["labels"], 0, file_ending(case.images[0]) if case.images[0].is_file() else ".nii.gz", {})
-    checked, problems = check_case(case, info)
-    if checked is None:
-        raise DiffprobeError(problems[0].what, problems[0].file, problems[0].fix)
-    data, _, props = preprocess_checked(checked, info, plans)
-    del checked  # the raw-resolution float32 image is not needed past preprocessing
+    data, props = preprocess_input(case, meta["plans"], meta["dataset"])
     add_time(timings, "preprocess_s", started)
     return LoadedCase(case, data, props)
 
