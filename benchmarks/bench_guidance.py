@@ -2,13 +2,14 @@
 
 Usage:
     python benchmarks/bench_guidance.py [--volume ct256] [--batches 1 8] [--repeats 2] [--threads 2]
-        [--workdir /tmp/diffprobe_bench_predict]
+        [--workdir /tmp/diffprobe_bench_predict] [--size_class tiny]
 
-Uses bench_predict.py's set-up (Dataset902 and its tiny-preset probe with BPR guidance; made when
-missing) and volume. The volume is read and preprocessed once exactly as ``predict`` does
-(``load_case``); then ``predict_coordinates`` (what ``predict`` calls once per volume) is timed for
-each ``tile_batch``, alternating, ``--repeats`` rounds. Prints the times, the ratio to the first
-batch size and the largest difference between the coordinate maps (float rounding only).
+Uses bench_predict.py's set-up (Dataset902 and its probe with BPR guidance, planner size class
+``--size_class``, default tiny; made when missing) and volume. The volume is read and preprocessed
+once exactly as ``predict`` does (``load_case``); then ``predict_coordinates`` (what ``predict``
+calls once per volume) is timed for each ``tile_batch``, alternating, ``--repeats`` rounds. Prints
+the times, the ratio to the first batch size and the largest difference between the coordinate maps
+(float rounding only).
 """
 
 from __future__ import annotations

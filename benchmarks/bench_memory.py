@@ -3,12 +3,13 @@
 Usage:
     python benchmarks/bench_memory.py [--volume ct600] [--step-size 1.0] [--threads 2]
         [--workdir /tmp/diffprobe_bench_predict] [--code OTHER_CHECKOUT ...]
-    python benchmarks/bench_memory.py --preprocess-np 1 2 4 [--pp-cases 4] [--pp-fov 400]
+    python benchmarks/bench_memory.py --preprocess-np 1 2 4 [--pp-cases 4] [--pp-fov 400] [--pp-size-class paper]
 
-``--preprocess-np``: instead, ``plan_and_preprocess --clean`` of ``--pp-cases`` large phantoms
-(fov ``--pp-fov`` mm, ~500 voxels in-plane) with each worker count; peak RAM as summed RSS and
-as summed PSS (forked workers share the parent's pages; PSS counts them once). Without
-multiplication, RAM grows by about one case's working set per extra worker.
+``--preprocess-np``: instead, ``plan_and_preprocess --clean --size_class paper`` of ``--pp-cases``
+large phantoms (fov ``--pp-fov`` mm, ~500 voxels in-plane; ``paper`` resamples to the median
+spacing as before size classes; ``cpu`` would coarsen to 1.5 mm in-plane) with each worker count;
+peak RAM as summed RSS and as summed PSS (forked workers share the parent's pages; PSS counts them
+once). Without multiplication, RAM grows by about one case's working set per extra worker.
 
 Reuses bench_predict.py's set-up (phantom dataset 902, a tiny pretrained model and probe, the
 volumes; generated once in the work dir: ct600 = 512x512x600 at 0.8x0.8x1.5 mm takes ~3 min and
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--preprocess-np", type=int, nargs="+", default=None)
     ap.add_argument("--pp-cases", type=int, default=4)
     ap.add_argument("--pp-fov", type=float, default=400.0)
+    ap.add_argument("--pp-size-class", default="paper", help="planner size class of the --preprocess-np runs")
     args = ap.parse_args()
     if args.preprocess_np:
         preprocess_scaling(args)
@@ -105,12 +107,14 @@ def preprocess_scaling(args: argparse.Namespace) -> None:
                DIFFPROBE_RESULTS=str(work / "results"), OMP_NUM_THREADS="1")
     rows = []
     for n in args.preprocess_np:
-        cmd = [sys.executable, "-m", "diffprobe", "plan_and_preprocess", "-d", "903", "-np", str(n), "--clean"]
+        cmd = [sys.executable, "-m", "diffprobe", "plan_and_preprocess", "-d", "903", "-np", str(n), "--clean",
+               "--size_class", args.pp_size_class]
         m = run_measured(cmd, env=env, pss=True)
         print(f"-np {n}: {m.seconds:.1f} s, RSS {m.peak_rss_gb:.2f} GB, PSS {m.peak_pss_gb:.2f} GB", flush=True)
         rows.append((n, m))
     one = rows[0][1]
-    print(f"\nplan_and_preprocess --clean, {args.pp_cases} phantoms at fov {args.pp_fov} mm")
+    print(f"\nplan_and_preprocess --clean --size_class {args.pp_size_class}, {args.pp_cases} phantoms at fov "
+          f"{args.pp_fov} mm")
     print("| -np | exit | seconds | peak RSS GB (summed) | peak PSS GB (summed) | PSS / first row's | workers ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for n, m in rows:

@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_predict.py [--volumes phantom ct512] [--threads 2] [--max-seconds 300]
-        [--workdir /tmp/diffprobe_bench_predict] [--preset tiny] [--nnunet-np 3] [--json out.json]
+        [--workdir /tmp/diffprobe_bench_predict] [--size_class tiny] [--nnunet-np 3] [--json out.json]
         [--runs diffprobe diffprobe-tta nnunet nnunet-tta]   # a subset of the four runs per volume
 
 Volumes (one case each, written as .nii.gz, cached in the work dir):
@@ -13,8 +13,8 @@ Volumes (one case each, written as .nii.gz, cached in the work dir):
 
 Set-up (reused when already in the work dir; delete it after changing --cases or --fov_mm): a
 small labelled phantom dataset (Dataset902) in one raw root shared by both tools; diffprobe:
-plan_and_preprocess, pretrain (``--preset``, a few steps: timing does not depend on quality) and
-a probe (fold all, a few steps); nnU-Net:
+plan_and_preprocess with planner size class ``--size_class`` (it sets patch and network), pretrain
+(a few steps: timing does not depend on quality) and a probe (fold all, a few steps); nnU-Net:
 ``nnUNetv2_plan_and_preprocess --no_pp`` (fingerprint + nnUNetPlans.json, no training) and a
 3d_fullres network built from those plans with random weights.
 
@@ -35,7 +35,7 @@ out). When a run without TTA was killed, the same tool's TTA run is not started:
 the estimate time to the window + 8x the window (mirroring = 8 forwards per tile). Ratios are
 diffprobe / nnU-Net with mirroring (its default): below 1 means faster or less RAM; "~" marks
 ratios of estimates, "<"/">" ratios against a bound. Each tool predicts with its own patch
-size (diffprobe: the pretrained preset's; nnU-Net: its plans'), printed above the table.
+size (diffprobe: its plans' for the size class; nnU-Net: its plans'), printed above the table.
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ def add_setup_arguments(ap: argparse.ArgumentParser, cases_flag: str = "--cases"
     ``cases_flag`` renames the number of set-up phantoms where a script uses ``--cases`` for its inputs.
     """
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/diffprobe_bench_predict"))
-    ap.add_argument("--preset", default="tiny", help="diffprobe pretraining preset (its patch size is used)")
+    ap.add_argument("--size_class", "--size-class", "--preset", dest="size_class", default="tiny",
+                    help="diffprobe planner size class of the set-up (sets patch and network; default tiny)")
     ap.add_argument(cases_flag, dest="cases", type=int, default=4, help="labelled phantoms for the set-up dataset")
     ap.add_argument("--fov_mm", type=float, default=110.0, help="phantom field of view (sets both tools' plans)")
     ap.add_argument("--pretrain-steps", type=int, default=5, help="BPR and diffusion steps of the set-up")
@@ -201,7 +202,8 @@ def ensure_models(args: argparse.Namespace, env: dict[str, str]) -> dict:
 
     torch.set_num_threads(args.threads)
     from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
-    from diffprobe.pretraining.pretrain import model_dir, pretrain
+    from diffprobe.pretraining.pretrain import pretrain
+    from diffprobe.pretraining.pretrained_model import PretrainedModel
     from diffprobe.probe.model import configuration_name, probe_dir
     from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
     from diffprobe.workflows.train_probe import train_probe
@@ -211,12 +213,12 @@ def ensure_models(args: argparse.Namespace, env: dict[str, str]) -> dict:
         print(f"making phantoms in {raw}", flush=True)
         make_phantom_dataset(raw, PhantomConfig(num_train_labelled=args.cases, num_train_unlabelled=0, num_test=1,
                                                 fov_mm=args.fov_mm))
-    plan_and_preprocess(DATASET_ID, num_processes=2, show_progress=False)
-    name = f"{PRETRAINED}_{args.preset}"
-    if not (model_dir(name) / "diffusion" / "checkpoint_final.pt").is_file():
-        print(f"pretraining '{name}' ({args.preset}, {args.pretrain_steps} steps per stage)", flush=True)
-        pretrain([str(DATASET_ID)], name=name, preset=args.preset, device="cpu",
-                 resume=(model_dir(name) / "model.json").is_file(), show_progress=False,
+    plan_and_preprocess(DATASET_ID, num_processes=2, show_progress=False, plan_kwargs={"size_class": args.size_class})
+    name = f"{PRETRAINED}_{args.size_class}"
+    model = PretrainedModel(name)
+    if not model.finished:
+        print(f"pretraining '{name}' ({args.size_class}, {args.pretrain_steps} steps per stage)", flush=True)
+        pretrain([str(DATASET_ID)], name=name, device="cpu", resume=model.exists, show_progress=False,
                  overrides={"bpr_steps": args.pretrain_steps, "diffusion_steps": args.pretrain_steps,
                             "num_workers": 0})
     config = configuration_name(name, "fpn", False)
@@ -236,7 +238,7 @@ def ensure_models(args: argparse.Namespace, env: dict[str, str]) -> dict:
     nn_cfg = json.loads(nn_plans.read_text())["configurations"]["3d_fullres"]
     arch = nn_cfg["architecture"]["arch_kwargs"]
     return {
-        "diffprobe": {"configuration": config, "preset": args.preset, "patch_size": probe_meta["patch_size"],
+        "diffprobe": {"configuration": config, "size_class": args.size_class, "patch_size": probe_meta["patch_size"],
                       "timesteps": probe_meta["timesteps"], "guidance": probe_meta["guidance"],
                       "target_spacing": probe_meta["plans"]["preprocessing"]["target_spacing"]},
         "nnU-Net": {"configuration": "3d_fullres", "patch_size": nn_cfg["patch_size"],
@@ -426,7 +428,7 @@ def main() -> None:
     dp, nn = models["diffprobe"], models["nnU-Net"]
     print(f"\n{os.cpu_count()} CPU cores, {args.threads} torch threads per tool, runs killed after "
           f"{args.max_seconds:.0f} s; nnU-Net with {args.nnunet_np} preprocessing/export processes")
-    print(f"diffprobe: preset {dp['preset']}, patch {dp['patch_size']}, timesteps {dp['timesteps']}, guidance "
+    print(f"diffprobe: size class {dp['size_class']}, patch {dp['patch_size']}, timesteps {dp['timesteps']}, guidance "
           f"{dp['guidance']}, target spacing {[round(v, 3) for v in dp['target_spacing']]}")
     print(f"nnU-Net:   3d_fullres, patch {nn['patch_size']}, features {nn['features_per_stage']}, "
           f"target spacing {[round(v, 3) for v in nn['target_spacing']]}, random weights")

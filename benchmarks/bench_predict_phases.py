@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_predict_phases.py [--cases 5] [--volumes phantoms] [--threads 2] [--repeats 2]
-        [--workdir /tmp/diffprobe_bench_predict] [--preset tiny]
+        [--workdir /tmp/diffprobe_bench_predict] [--size_class tiny]
 
 Uses bench_predict.py's set-up (Dataset902 phantoms and a probe trained on them; made when missing).
 Inputs: ``phantoms`` = the first ``--cases`` raw images of Dataset902 (imagesTr + imagesTs) as one

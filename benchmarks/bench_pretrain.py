@@ -1,14 +1,18 @@
-"""Pretraining throughput per preset: training step alone, data loader alone, peak memory, FLOP/s.
+"""Pretraining throughput per planner size class: training step alone, data loader alone, peak memory, FLOP/s.
 
 Usage:
-    python benchmarks/bench_pretrain.py [--presets tiny paper] [--steps 5] [--device cpu]
+    python benchmarks/bench_pretrain.py [--size_classes tiny paper] [--steps 5] [--device cpu]
         [--formats contiguous channels_last]   # memory formats of the step, side by side
         [--dataset 1]   # a preprocessed dataset (default: generate small phantoms in a temp root)
 
-For each preset, in one run: (1) patches/s of the diffusion training step on a batch held in
-memory (forward + backward + AdamW), (2) patches/s of the data loader alone with the preset's
-worker count, (3) peak RSS of this process (CPU) or peak CUDA memory, (4) achieved FLOP/s of
-the step (3x the forward FLOPs) against the measured matmul peak of the same dtype.
+For each size class, in one run, with the plans that ``plan_and_preprocess --size_class`` would
+write for the dataset (re-planned from its fingerprint, only the size class changed; the patch is
+capped by the dataset's median shape, so small phantoms get a smaller ``paper`` patch than
+32x128x128; the cases stay as preprocessed): (1) patches/s of the diffusion training step on a
+batch held in memory (forward + backward + AdamW) of the planned denoiser, (2) patches/s of the
+data loader alone with the plans' worker count, (3) peak RSS of this process (CPU) or peak CUDA
+memory, (4) achieved FLOP/s of the step (3x the forward FLOPs) against the measured matmul peak of
+the same dtype.
 The loader must be faster than the step (ratio > 1), or it is the bottleneck.
 """
 
@@ -50,13 +54,17 @@ def ensure_dataset(spec: str | None) -> str:
 
     make_phantom_dataset(base / "raw" / "Dataset001_Phantoms", PhantomConfig(num_train_labelled=2,
                                                                             num_train_unlabelled=4, num_test=0))
-    plan_and_preprocess(1, num_processes=2, show_progress=False)
+    # planned like before size classes existed (median spacing, paper patch aim as the storage chunk);
+    # the cpu class would resample to 1.5 mm in-plane. Each size class is re-planned from it in main().
+    plan_and_preprocess(1, num_processes=2, show_progress=False, plan_kwargs={"size_class": "paper"})
     return "1"
 
 
 def main() -> None:
+    from bench_features import add_size_classes_argument, load_plans  # here: bench_features imports this file
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["tiny", "paper"])
+    add_size_classes_argument(ap, ["tiny", "paper"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dataset", default=None)
@@ -67,33 +75,34 @@ def main() -> None:
 
     from diffprobe.diffusion import GaussianDiffusion
     from diffprobe.models import forward_flops
+    from diffprobe.planning.view import Plans
     from diffprobe.preprocessing.access import preprocessed_cases
     from diffprobe.pretraining import data as pdata
-    from diffprobe.pretraining.presets import resolve_preset
-    from diffprobe.pretraining.pretrain import build_denoiser
+    from diffprobe.pretraining.pretrained_model import build_denoiser
 
-    data_dir, plans, ids = preprocessed_cases(dataset)
+    data_dir, _, ids = preprocessed_cases(dataset)
     refs = pdata.volume_refs(data_dir, ids)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     peak = matmul_peak(args.device, dtype)
     rows = []
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last_3d}
-    for preset in args.presets:
-        cfg = resolve_preset(plans, preset)
-        diffusion = GaussianDiffusion.from_plans(plans)
-        source = pdata.PatchBatches(refs, cfg["patch_size"], cfg["batch_size"], "physical", True, 0)
+    for size_class in args.size_classes:
+        plans = Plans(load_plans(dataset, size_class))
+        patch, batch_size, workers = plans.patch_size, plans.batch_size, int(plans.training["num_workers"])
+        diffusion = GaussianDiffusion.from_plans(plans.raw)
+        source = pdata.PatchBatches(refs, patch, batch_size, "physical", True, 0)
         batch = source.batch(0)
-        it = pdata.loader(source, 1, cfg["num_workers"])
+        it = pdata.loader(source, 1, workers)
         next(it)
         t0 = time.perf_counter()
-        n_load = max(args.steps, 2 * cfg["num_workers"])
+        n_load = max(args.steps, 2 * workers)
         for _ in range(n_load):
             next(it)
         load_s = (time.perf_counter() - t0) / n_load
         for fmt_name in args.formats:
             fmt = formats[fmt_name]
             torch.manual_seed(0)
-            model = build_denoiser(cfg, plans, "physical", "planned").to(args.device).to(memory_format=fmt)
+            model = build_denoiser(plans, "physical", "planned").to(args.device).to(memory_format=fmt)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             x0 = batch["image"].to(args.device).contiguous(memory_format=fmt)
             guide = batch["guidance"].to(args.device).contiguous(memory_format=fmt)
@@ -118,17 +127,17 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             step_s = (time.perf_counter() - t0) / args.steps
-            flops = 3 * forward_flops(model, (cfg["batch_size"], 1, *cfg["patch_size"]))
+            flops = 3 * forward_flops(model, (batch_size, 1, *patch))
             mem = (torch.cuda.max_memory_allocated() / 1024**3 if args.device.startswith("cuda")
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2)
-            rows.append((preset, fmt_name, cfg["patch_size"], cfg["batch_size"], cfg["batch_size"] / step_s,
-                         cfg["batch_size"] / load_s, mem, flops / step_s / 1e12, flops / step_s / peak))
+            rows.append((size_class, fmt_name, patch, batch_size, batch_size / step_s, batch_size / load_s, mem,
+                         flops / step_s / 1e12, flops / step_s / peak))
     print(f"\ndevice {args.device}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
           f"matmul peak {peak / 1e12:.2f} TFLOP/s ({dtype})")
-    print(f"{'preset':<7} {'format':<14} {'patch (z,y,x)':<15} {'batch':>5} {'step patches/s':>15} "
+    print(f"{'size class':<10} {'format':<14} {'patch (z,y,x)':<15} {'batch':>5} {'step patches/s':>15} "
           f"{'loader patches/s':>17} {'loader/step':>12} {'peak mem GB':>12} {'TFLOP/s':>8} {'of peak':>8}")
     for p, fmt_name, patch, bs, sps, lps, mem, tf, frac in rows:
-        print(f"{p:<7} {fmt_name:<14} {'x'.join(map(str, patch)):<15} {bs:>5} {sps:>15.2f} {lps:>17.2f} "
+        print(f"{p:<10} {fmt_name:<14} {'x'.join(map(str, patch)):<15} {bs:>5} {sps:>15.2f} {lps:>17.2f} "
               f"{lps / sps:>12.1f} {mem:>12.2f} {tf:>8.3f} {frac:>8.1%}")
 
 
