@@ -122,6 +122,7 @@ def ablate_controls(config: SweepConfig, pretrained: str = "default", pretrain_m
                     quick: bool = False, scratch_steps: int | None = None, scratch_lr: float = SCRATCH_LR,
                     rows: tuple[str, ...] = CONTROL_ROWS) -> ControlsResult:
     """Train (or reuse) every control row and write the table and figure (module docstring)."""
+    from diffprobe.devices import resolve_device
     from diffprobe.pretraining.baseline import make_random_init_model
     from diffprobe.pretraining.pretrained_model import PretrainedModel
     from diffprobe.workflows.ablations.organ_sizes import class_sizes, size_groups
@@ -141,7 +142,7 @@ def ablate_controls(config: SweepConfig, pretrained: str = "default", pretrain_m
     record_path = out / f"{stem}.record.json"
     record = load_record(record_path)
     specs = control_specs(config, pretrained, scratch_lr)
-    total, details = pretrain_seconds(PretrainedModel(pretrained), "cpu")
+    total, details = pretrain_seconds(PretrainedModel(pretrained), resolve_device(config.device))
     budget = {"pretrain_seconds": total, **details}
     results: dict[str, RowResult] = {}
     try:

@@ -70,6 +70,7 @@ def ablate_labels(config: SweepConfig, ns: list[int], pretrained: str = "default
                   quick: bool = False, scratch_steps: int | None = None,
                   scratch_lr: float = SCRATCH_LR) -> LabelsResult:
     """For each n: probe and from-scratch UNet on n labelled cases; CSV + PNG in ``ablations/labels/``."""
+    from diffprobe.devices import resolve_device
     from diffprobe.pretraining.pretrained_model import PretrainedModel
     from diffprobe.workflows.ablations.organ_sizes import class_sizes
 
@@ -83,7 +84,7 @@ def ablate_labels(config: SweepConfig, ns: list[int], pretrained: str = "default
     stem = config.stem(pretrained)
     record_path = out / f"{stem}.record.json"
     record = load_record(record_path)
-    total, details = pretrain_seconds(PretrainedModel(pretrained), "cpu")
+    total, details = pretrain_seconds(PretrainedModel(pretrained), resolve_device(config.device))
     budget: dict = {"pretrain_seconds": total, **details}
     runs: list[tuple[int, RowResult]] = []
     sfx = config.head_suffix
