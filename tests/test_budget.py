@@ -10,9 +10,9 @@ import pytest
 from conftest import make_raw_dataset
 
 from diffprobe.errors import DiffprobeError
-from diffprobe.planning import budget
 from diffprobe.planning.replan import replan
 from diffprobe.planning.size_classes import SIZE_CLASSES
+from diffprobe.workflows import budget, step_timing
 
 ORDER = list(SIZE_CLASSES)
 # step seconds of the shape measured on the 2-core CPU (tiny < cpu < small in every stage)
@@ -183,7 +183,7 @@ def test_plan_and_preprocess_with_budget_times_real_steps(roots, monkeypatch):
 
     make_raw_dataset(roots["raw"], dataset_id=7, n_labelled=2, n_unlabelled=0, shape=(12, 40, 48))
     monkeypatch.setattr(budget, "CPU_CANDIDATES", ("tiny",))
-    monkeypatch.setattr(budget, "MEASURED_STEPS", 2)
+    monkeypatch.setattr(step_timing, "MEASURED_STEPS", 2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -80,7 +80,7 @@ def plan_and_preprocess(
     planner inputs with exactly the given ones changed (:mod:`diffprobe.planning.replan`);
     ``clean`` plans from scratch. Without a size class or budget, the size class follows the
     device (CPU: ``cpu``, GPU: ``paper``); ``budget_minutes`` times real training steps on the
-    device and plans the network and step budgets to fit (:mod:`diffprobe.planning.budget`).
+    device and plans the network and step budgets to fit (:mod:`diffprobe.workflows.budget`).
     """
     raw_dir = paths.raw_dataset_dir(dataset)
     info = load_dataset_json(raw_dir)
@@ -123,7 +123,7 @@ def _plan_and_preprocess_locked(raw_dir: Path, info: DatasetInfo, out: Path, num
         previous = _previous_plans(plans_path, clean, report)
         kwargs = dict(plan_kwargs or {})
         if budget_minutes:
-            from diffprobe.planning.budget import plan_for_budget
+            from diffprobe.workflows.budget import plan_for_budget
 
             kwargs.update(plan_for_budget(fingerprint, previous, kwargs, overrides, budget_minutes, device))
         elif "size_class" not in kwargs and "size_class" not in (previous or {}).get("planner_inputs", {}):
