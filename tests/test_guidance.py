@@ -225,7 +225,8 @@ def test_bpr_map_without_stamp_is_recomputed(case, tmp_path):
 
 def test_bpr_checksum_defaults_to_the_models_checkpoint(case, tmp_path):
     from diffprobe.pretraining.bpr_maps import with_bpr_maps, write_bpr_maps
-    from diffprobe.pretraining.pretrained_model import BPR_CKPT, file_checksum
+    from diffprobe.pretraining.pretrained_model import BPR_CKPT, weights_checksum
+    from diffprobe.training.checkpoint import save_checkpoint
 
     ref, _ = case
     out, cpu, model = tmp_path / "model", torch.device("cpu"), tiny_bpr()
@@ -233,9 +234,11 @@ def test_bpr_checksum_defaults_to_the_models_checkpoint(case, tmp_path):
         write_bpr_maps(model, [ref], CROP, out, cpu)
     ckpt = out / BPR_CKPT
     ckpt.parent.mkdir(parents=True)
-    ckpt.write_bytes(b"weights v1")
+    save_checkpoint(ckpt, {"model": {"w": torch.ones(3)}})
     write_bpr_maps(model, [ref], CROP, out, cpu)
-    assert with_bpr_maps([ref], out, bpr_checksum=file_checksum(ckpt))[0].guidance_path.is_file()
-    ckpt.write_bytes(b"weights v2")  # the BPR trained further
+    assert with_bpr_maps([ref], out, bpr_checksum=weights_checksum({"w": torch.ones(3)}))[0].guidance_path.is_file()
+    save_checkpoint(ckpt, {"model": {"w": torch.ones(3)}, "step": 7})  # rewritten, same weights: still current
+    assert with_bpr_maps([ref], out)[0].guidance_path.is_file()
+    save_checkpoint(ckpt, {"model": {"w": torch.full((3,), 2.0)}})  # the BPR trained further
     with pytest.raises(DiffprobeError, match="another BPR"):
         with_bpr_maps([ref], out)

@@ -12,7 +12,8 @@ def test_phantoms_plan_and_preprocess_cli(roots):
                  "--fov_mm", "60"]) == 0
     raw = roots["raw"] / "Dataset003_Phantoms"
     assert len(list((raw / "imagesTr").glob("*_0000.nii.gz"))) == 5 and len(list((raw / "labelsTr").iterdir())) == 3
-    assert main(["plan-and-preprocess", "-d", "003", "-np", "2"]) == 0
+    # the data's own spacing rule (the CPU default class `cpu` would floor in-plane spacing at 1.5 mm)
+    assert main(["plan-and-preprocess", "-d", "003", "-np", "2", "--size_class", "small"]) == 0
     out = roots["preprocessed"] / "Dataset003_Phantoms" / "diffprobe"
     fp = json.loads((out / "dataset_fingerprint.json").read_text())
     plans = json.loads((out / "plans.json").read_text())

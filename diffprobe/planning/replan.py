@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from diffprobe.diffusion import schedule as sch
 from diffprobe.errors import DiffprobeError
 from diffprobe.planning import planner
 from diffprobe.planning.plans import apply_override, parse_override
@@ -58,9 +59,15 @@ def merged_inputs(previous: dict | None, plan_kwargs: dict[str, Any] | None,
     """The planner inputs after applying flags (``plan_kwargs``) and ``--override`` texts."""
     inputs = copy.deepcopy(previous.get("planner_inputs", {})) if previous else {}
     if previous is not None:
-        # the feature timesteps travel as noise levels (reference units): tuned ones survive
-        inputs["noise_levels"] = list(previous["diffusion"]["feature_noise"]["reference_levels"])
+        # the feature timesteps travel as noise levels (reference units): tuned or explicit ones survive
+        # a re-plan and follow a schedule change; the default levels need no carrying (re-planning with
+        # the same flags then gives the same plans, byte for byte)
+        levels = list(previous["diffusion"]["feature_noise"]["reference_levels"])
+        default = [round(v, 6) for v in sch.reference_noise_levels()]
         inputs.pop("timesteps", None)
+        inputs.pop("noise_levels", None)
+        if [round(v, 6) for v in levels] != default:
+            inputs["noise_levels"] = levels
     for key, value in (plan_kwargs or {}).items():
         if value is not None:
             inputs[key] = value

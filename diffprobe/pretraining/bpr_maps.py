@@ -5,7 +5,7 @@ Computed once per volume by the trained BPR on the whole preprocessed volume
 pretraining and the probe.
 
 Each map knows what produced it: ``<case>.json`` next to it holds the checksum of the BPR checkpoint
-(``file_checksum(<model>/bpr/checkpoint_final.pt)``) and the identity of the preprocessed case
+(``weights_checksum`` of the final BPR checkpoint's weights) and the identity of the preprocessed case
 (hash of its properties JSON, size and mtime of its data file). The stamp is removed before and
 written (atomically) after the map, so a map without a current stamp is never used: a BPR
 continued with ``--c``, a re-preprocessed case or a killed write all mean "compute again".
@@ -23,7 +23,8 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.guidance import bpr_coordinates
 from diffprobe.preprocessing.storage import load_array, save_array
 from diffprobe.preprocessing.volumes import VolumeRef
-from diffprobe.pretraining.pretrained_model import BPR_CKPT, file_checksum
+from diffprobe.pretraining.pretrained_model import BPR_CKPT, weights_checksum
+from diffprobe.training.checkpoint import load_checkpoint
 from diffprobe.utils import read_json, write_json
 
 STAMP_FORMAT = 1
@@ -39,12 +40,16 @@ def stamp_path(map_file: Path) -> Path:
 
 
 def bpr_checkpoint_checksum(out: Path) -> str:
-    """The checksum of the model's final BPR checkpoint, the one the maps must come from."""
+    """The checksum of the final BPR's weights, the ones the maps must come from.
+
+    Of the weights, not the file: a checkpoint rewritten with the same weights (a resumed run
+    writing its final checkpoint again) must not invalidate maps that are still right.
+    """
     ckpt = out / BPR_CKPT
     if not ckpt.is_file():
         raise DiffprobeError("this pretrained model has no trained BPR", ckpt,
                              "run `diffprobe pretrain --stage bpr` for it first")
-    return file_checksum(ckpt)
+    return weights_checksum(load_checkpoint(ckpt)["model"])
 
 
 def case_checksum(ref: VolumeRef) -> str:

@@ -35,6 +35,19 @@ def file_checksum(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_checksum(state: dict) -> str:
+    """First 16 hex digits of the SHA-1 over a state dict's names and tensor bytes (file-format independent)."""
+    h = hashlib.sha1()
+    for key in sorted(state):
+        value = state[key]
+        h.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+    return h.hexdigest()[:16]
+
+
 class PretrainedModel:
     """A named pretrained model on disk: its files, its metadata, and how to rebuild its networks."""
 
