@@ -196,6 +196,18 @@ class Trainer:
         enabled = self.cfg.amp and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    def apply_gradients(self, loss: torch.Tensor) -> None:
+        """One optimiser step on ``loss``: backward, clipping, AdamW, schedule, EMA (also timed by
+        compute-budget planning, which must measure exactly this)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update(self.model)
+
     def fit(self, batches: Callable[[int], Iterator[Any]], show_progress: bool = True) -> list[dict[str, float]]:
         """Train from ``self.step`` to ``cfg.total_steps``; ``batches(start)`` yields the batch of each step."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,14 +239,7 @@ class Trainer:
                         f"{self.name}: loss became {loss.item()} at step {self.step}; training stopped, the last good "
                         f"checkpoint ({self.latest_path.name}) is kept", self.out_dir,
                         "lower the learning rate (or check the data for extreme values) and resume with --c")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                if self.ema:
-                    self.ema.update(self.model)
+                self.apply_gradients(loss)
                 self.step += 1
                 samples_done += self.cfg.samples_per_step
                 final = self.step == self.cfg.total_steps

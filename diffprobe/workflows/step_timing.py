@@ -63,14 +63,7 @@ def _trainer_step(trainer, loss_fn: Callable[[int], torch.Tensor]) -> Callable[[
     def step(i: int) -> None:
         with trainer._autocast():
             loss = loss_fn(i)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if trainer.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.cfg.grad_clip)
-        trainer.optimizer.step()
-        trainer.scheduler.step()
-        if trainer.ema:
-            trainer.ema.update(trainer.model)
+        trainer.apply_gradients(loss)
         float(loss.detach())  # the trainer reads the loss (finite check): a device sync, as in training
     return step
 
