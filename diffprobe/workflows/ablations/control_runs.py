@@ -216,9 +216,14 @@ def measure_step_seconds(config: SweepConfig, spec: RowSpec, warm: int = 2, time
             folder.parent.rmdir()  # no empty configuration left for predict's model lookup
 
 
-def load_record(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}
+class Record(dict):
+    """A sweep's record file (wall times, from-scratch budgets), written through on every change,
+    so a sweep killed half-way keeps what its finished rows measured."""
 
+    def __init__(self, path: Path) -> None:
+        super().__init__(read_json(path) if path.is_file() else {})
+        self.path = path
 
-def save_record(path: Path, record: dict) -> None:
-    write_json(path, record)
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        write_json(self.path, dict(self))

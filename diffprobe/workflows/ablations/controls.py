@@ -28,12 +28,11 @@ from pathlib import Path
 from diffprobe import paths
 from diffprobe.errors import DiffprobeError
 from diffprobe.workflows.ablations.control_runs import (
+    Record,
     RowResult,
     RowSpec,
-    load_record,
     measure_step_seconds,
     run_row,
-    save_record,
 )
 from diffprobe.workflows.ablations.sweep import SweepConfig, ablation_dir, nanmean
 from diffprobe.workflows.ablations.time_budget import pretrain_seconds, steps_within
@@ -139,34 +138,30 @@ def ablate_controls(config: SweepConfig, pretrained: str = "default", pretrain_m
         make_random_init_model(pretrained, f"{pretrained}_random_init")
     out = ablation_dir(config.dataset, "controls")
     stem = config.stem(pretrained)
-    record_path = out / f"{stem}.record.json"
-    record = load_record(record_path)
+    record = Record(out / f"{stem}.record.json")
     specs = control_specs(config, pretrained, scratch_lr)
     total, details = pretrain_seconds(PretrainedModel(pretrained), resolve_device(config.device))
     budget = {"pretrain_seconds": total, **details}
     results: dict[str, RowResult] = {}
-    try:
-        for row in [r for r in CONTROL_ROWS if r in rows]:
-            spec = specs[row]
-            if row == "from_scratch":
-                if "pretrained" not in results:  # its budget is the method's cost
-                    results["pretrained"] = run_row(config, specs["pretrained"], record, _test_dir(out, stem,
-                                                                                                  "pretrained"))
-                method = results["pretrained"]
-                probe_s = method.train_seconds if not math.isnan(method.train_seconds) else method.wall_seconds
-                budget["probe_seconds"] = probe_s
-                budget["budget_seconds"] = total + probe_s
-                if scratch_steps is not None:
-                    steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
-                else:
-                    steps, info = scratch_steps_for(config, spec, total + probe_s, record, quick,
-                                                    1 if quick else 4)
-                budget["from_scratch"] = info
-                spec = dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
-            if row not in results:
-                results[row] = run_row(config, spec, record, _test_dir(out, stem, row))
-    finally:
-        save_record(record_path, record)
+    for row in [r for r in CONTROL_ROWS if r in rows]:
+        spec = specs[row]
+        if row == "from_scratch":
+            if "pretrained" not in results:  # its budget is the method's cost
+                results["pretrained"] = run_row(config, specs["pretrained"], record, _test_dir(out, stem,
+                                                                                              "pretrained"))
+            method = results["pretrained"]
+            probe_s = method.train_seconds if not math.isnan(method.train_seconds) else method.wall_seconds
+            budget["probe_seconds"] = probe_s
+            budget["budget_seconds"] = total + probe_s
+            if scratch_steps is not None:
+                steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
+            else:
+                steps, info = scratch_steps_for(config, spec, total + probe_s, record, quick,
+                                                1 if quick else 4)
+            budget["from_scratch"] = info
+            spec = dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
+        if row not in results:
+            results[row] = run_row(config, spec, record, _test_dir(out, stem, row))
     ordered = [results[r] for r in CONTROL_ROWS if r in rows]
     sizes = class_sizes(config.dataset)
     groups, classes = size_groups(sizes), list(sizes)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from diffprobe import paths
 from diffprobe.errors import DiffprobeError
-from diffprobe.workflows.ablations.control_runs import RowResult, RowSpec, load_record, run_row, save_record
+from diffprobe.workflows.ablations.control_runs import Record, RowResult, RowSpec, run_row
 from diffprobe.workflows.ablations.controls import (
     QUICK_PRETRAIN,
     QUICK_STEPS,
@@ -82,30 +82,26 @@ def ablate_labels(config: SweepConfig, ns: list[int], pretrained: str = "default
     subsets = nested_subsets(fold_training_cases(config.dataset, config.fold), list(ns))
     out = ablation_dir(config.dataset, "labels")
     stem = config.stem(pretrained)
-    record_path = out / f"{stem}.record.json"
-    record = load_record(record_path)
+    record = Record(out / f"{stem}.record.json")
     total, details = pretrain_seconds(PretrainedModel(pretrained), resolve_device(config.device))
     budget: dict = {"pretrain_seconds": total, **details}
     runs: list[tuple[int, RowResult]] = []
     sfx = config.head_suffix
-    try:
-        for n, cases in subsets.items():
-            test_dir = out / "test_predictions" / stem
-            method = run_row(config, RowSpec("pretrained", pretrained, f"labels_n{n}_pretrained__{pretrained}{sfx}",
-                                             train_cases=tuple(cases)), record, test_dir / f"n{n}_pretrained")
-            runs.append((n, method))
-            probe_s = method.train_seconds if not math.isnan(method.train_seconds) else method.wall_seconds
-            spec = RowSpec("from_scratch", pretrained, f"labels_n{n}_from_scratch__{pretrained}{sfx}",
-                           init="scratch", overrides={"finetune_lr": scratch_lr}, train_cases=tuple(cases))
-            if scratch_steps is not None:
-                steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
-            else:
-                steps, info = scratch_steps_for(config, spec, total + probe_s, record, quick, 1 if quick else 4)
-            budget[f"from_scratch_n{n}"] = info
-            spec = dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
-            runs.append((n, run_row(config, spec, record, test_dir / f"n{n}_from_scratch")))
-    finally:
-        save_record(record_path, record)
+    for n, cases in subsets.items():
+        test_dir = out / "test_predictions" / stem
+        method = run_row(config, RowSpec("pretrained", pretrained, f"labels_n{n}_pretrained__{pretrained}{sfx}",
+                                         train_cases=tuple(cases)), record, test_dir / f"n{n}_pretrained")
+        runs.append((n, method))
+        probe_s = method.train_seconds if not math.isnan(method.train_seconds) else method.wall_seconds
+        spec = RowSpec("from_scratch", pretrained, f"labels_n{n}_from_scratch__{pretrained}{sfx}",
+                       init="scratch", overrides={"finetune_lr": scratch_lr}, train_cases=tuple(cases))
+        if scratch_steps is not None:
+            steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
+        else:
+            steps, info = scratch_steps_for(config, spec, total + probe_s, record, quick, 1 if quick else 4)
+        budget[f"from_scratch_n{n}"] = info
+        spec = dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
+        runs.append((n, run_row(config, spec, record, test_dir / f"n{n}_from_scratch")))
     classes = list(class_sizes(config.dataset))
     columns, table = labels_table(runs, classes, budget)
     from diffprobe.workflows.ablations.report import write_csv
