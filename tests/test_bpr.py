@@ -7,10 +7,25 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from diffprobe.bpr import BodyPartRegressor, bpr_losses, collate_pairs, predict_coordinates, sample_crop_pair
+from diffprobe.bpr import (
+    BodyPartRegressor,
+    bpr_losses,
+    collate_pairs,
+    extract_crop,
+    predict_coordinates,
+    sample_crop_pair,
+    sample_far_pair,
+)
 from diffprobe.phantoms import PhantomConfig, generate_case
 
 C_PER_MM = torch.tensor([0.01, 0.01, 0.01])
+
+
+def _fine_model(width: int = 4, **kwargs) -> BodyPartRegressor:
+    """A BPR on the fine grid (no input pooling, output stride 4x8x8, per-cell head, no ramp):
+    exercises the generic geometry of pairs, losses and inference with small volumes."""
+    return BodyPartRegressor(width=width, input_pool=[1, 1, 1], output_stride=[4, 8, 8], local_head=True,
+                             norm="none", **kwargs)
 
 
 # ----------------------------------------------------------------------------------------- pairs
@@ -79,25 +94,35 @@ def test_crop_pair_noise_changes_only_b_and_collate():
 # ----------------------------------------------------------------------------------------- model
 
 def test_model_output_shape_and_strides():
-    model = BodyPartRegressor(width=4)
+    model = _fine_model()
     assert model.total_stride == (4, 8, 8)
     assert model(torch.zeros(2, 1, 16, 32, 32)).shape == (2, 3, 4, 4, 4)
-    model = BodyPartRegressor(in_channels=2, width=4, depth=2, strides=[[2, 2, 2], [1, 2, 2]])
+    model = _fine_model(in_channels=2, depth=2, strides=[[2, 2, 2], [1, 2, 2]])
+    assert model.total_stride == (4, 8, 8) and model.feature_stride == (2, 4, 4)
+    model = BodyPartRegressor(in_channels=2, width=4, depth=2, strides=[[2, 2, 2], [1, 2, 2]], input_pool=[1, 1, 1],
+                              output_stride=[2, 4, 4], local_head=True)
     assert model.total_stride == (2, 4, 4)
     assert model(torch.zeros(1, 2, 8, 16, 12)).shape == (1, 3, 4, 4, 3)
     with pytest.raises(ValueError, match="strides"):
         BodyPartRegressor(depth=2, strides=[[1, 2, 2]])
-    grouped = BodyPartRegressor(width=4, norm="group")
+    grouped = BodyPartRegressor(width=4, norm="group", input_pool=[1, 1, 1], output_stride=[4, 8, 8], local_head=True)
     assert grouped(torch.zeros(1, 1, 8, 16, 16)).shape == (1, 3, 2, 2, 2)
     clone = BodyPartRegressor(**grouped.config())  # checkpoints: config + state_dict, weights_only
     clone.load_state_dict(grouped.state_dict())
+    # The default: input average-pooled 2x4x4 (a wide field of view), features at 8x32x32, the
+    # map on a 1x4x4 grid; the ramp (units_per_voxel) is a buffer restored by load_state_dict.
+    default = BodyPartRegressor(width=4, units_per_voxel=[0.03, 0.015, 0.015])
+    assert default.feature_stride == (8, 32, 32) and default.total_stride == (1, 4, 4)
+    assert default(torch.zeros(2, 1, 32, 64, 64)).shape == (2, 3, 32, 16, 16)
+    restored = BodyPartRegressor(width=4)
+    restored.load_state_dict(default.state_dict())
+    assert torch.equal(restored.units_per_voxel, default.units_per_voxel)
+    assert BodyPartRegressor(**default.config()).config() == default.config()
 
 
 def test_every_output_cell_sees_the_whole_crop():
-    """The last cell's prediction depends on the first voxel of a long crop (global-context branch).
-
-    160 slices are 40 low-res cells along z, beyond the convolutions' receptive field (~80 slices).
-    """
+    """The last cell's prediction depends on the first voxel of a long crop (the crop position is
+    computed from all cells), far beyond the convolutions' receptive field."""
     torch.manual_seed(0)
     model = BodyPartRegressor(width=4).double().eval()
     x = torch.rand(1, 1, 160, 16, 16, dtype=torch.float64, requires_grad=True)
@@ -141,8 +166,8 @@ def test_losses_vanish_for_exact_coordinates(geometry):
     low, stride, spacing, offset = geometry
     a, b = _linear_outputs(low, stride, spacing, offset, C_PER_MM)
     out = bpr_losses(a, b, offset, spacing, stride, C_PER_MM, torch.Generator().manual_seed(0))
-    assert set(out) == {"order", "distance", "consistency", "total"}
-    assert out["distance"] < 1e-6 and out["consistency"] < 1e-6
+    assert set(out) == {"order", "distance", "consistency", "centre", "total"}
+    assert out["distance"] < 1e-6 and out["consistency"] < 1e-6 and out["centre"] < 1e-6
     assert out["order"] < np.log(2)  # correctly ordered: below the value at zero difference
 
 
@@ -166,10 +191,11 @@ def test_distance_penalises_axis_leakage_and_consistency_penalises_ignored_offse
                          stride, C_PER_MM)
     assert leaky["distance"] > exact["distance"] + 1e-3
     assert shifted["consistency"] > 0.01 and shifted["distance"] > exact["distance"] + 1e-3
+    assert shifted["centre"] > 0.01 and exact["centre"] < 1e-6
     # a constant shift of everything is free: absolute position is not fixed by the losses
     const = bpr_losses(*[o + 0.7 for o in _linear_outputs(low, stride, spacing, offset, C_PER_MM)], offset, spacing,
                        stride, C_PER_MM)
-    assert const["distance"] < 1e-6 and const["consistency"] < 1e-6
+    assert const["distance"] < 1e-6 and const["consistency"] < 1e-6 and const["centre"] < 1e-6
 
 
 def test_losses_are_finite_with_gradients_and_reproducible():
@@ -234,7 +260,7 @@ def test_crop_pairs_losses_and_inference_share_one_geometry_convention():
 
 def test_predict_coordinates_shapes_and_determinism():
     torch.manual_seed(0)
-    model = BodyPartRegressor(width=4)
+    model = _fine_model()
     model.train()
     vol = np.random.default_rng(0).uniform(-1, 1, (1, 21, 45, 38)).astype(np.float32)
     full = predict_coordinates(model, vol)
@@ -254,7 +280,8 @@ def test_predict_coordinates_shapes_and_determinism():
 # ----------------------------------------------------------------------------------------- training
 
 def test_short_training_learns_a_monotone_cranio_caudal_coordinate():
-    """150 Adam steps on one small phantom: the CC channel increases from the first slice to the last."""
+    """150 Adam steps on one small phantom, the production model and pairs (half overlapping, half at
+    independent places): the CC channel increases from the first slice to the last."""
     cfg = PhantomConfig(fov_mm=60, spacing_inplane=(1.0, 1.5), spacing_slice=(2.0, 3.0), scan_length_mm=(60, 80))
     case = generate_case(cfg, 0)
     vol = ((np.clip(case.image.astype(np.float32), -1350, 1000) + 1350) / 2350 * 2 - 1)[None].astype(np.float32)
@@ -265,12 +292,14 @@ def test_short_training_learns_a_monotone_cranio_caudal_coordinate():
     torch.set_num_threads(1)  # tiny convolutions: OpenMP synchronisation costs more than it saves
     try:
         torch.manual_seed(0)
-        model = BodyPartRegressor(width=8)
+        model = BodyPartRegressor(width=8, units_per_voxel=(C_PER_MM * spacing).tolist())
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
         first = last = None
         for _ in range(150):
-            batch = collate_pairs([sample_crop_pair(vol, crop, rng) for _ in range(4)])
+            pairs = [sample_crop_pair(vol, crop, rng) for _ in range(2)]
+            pairs += [sample_far_pair(lambda s, n: extract_crop(vol, s, n), vol.shape[1:], crop, rng) for _ in range(2)]
+            batch = collate_pairs(pairs)
             out = model(torch.cat([batch["a"], batch["b"]]))
             losses = bpr_losses(out[:4], out[4:], batch["offset_vox"], spacing, model.total_stride, C_PER_MM, gen,
                                 num_pairs=512)

@@ -8,7 +8,7 @@ overlapping crop pairs with known physical offsets (see docs/bpr.md).  Output ch
 
 from diffprobe.bpr.losses import bpr_losses
 from diffprobe.bpr.model import BodyPartRegressor, predict_coordinates
-from diffprobe.bpr.pairs import CropPair, collate_pairs, extract_crop, sample_crop_pair
+from diffprobe.bpr.pairs import CropPair, collate_pairs, extract_crop, sample_crop_pair, sample_far_pair
 
 __all__ = ["BodyPartRegressor", "CropPair", "bpr_losses", "collate_pairs", "extract_crop", "predict_coordinates",
-           "sample_crop_pair"]
+           "sample_crop_pair", "sample_far_pair"]

@@ -1,4 +1,4 @@
-"""Self-supervised BPR losses: order, distance (with cross-axis leakage) and consistency.
+"""Self-supervised BPR losses: order, distance (with cross-axis leakage), consistency and crop centre.
 
 The network predicts, per low-res cell, scores ``s = (s_LR, s_AP, s_CC)`` (channel order x, y, z).
 Points are sampled at continuous positions inside the crops and the maps are read there by
@@ -14,7 +14,11 @@ All positions are expressed in crop ``a``'s voxel frame (a point at voxel ``j`` 
 * order (Yan et al. 2018):   softplus(-sign(D_k) * d_k) = -log sigmoid(+-d_k), pairs with |D_k| >= min_order_mm
 * distance:                  huber(d_k - c_k * D_k; beta = c_k * huber_beta_mm)
   + leakage_weight * huber(d_j; beta = c_j * huber_beta_mm) over axis-aligned pairs (move along k only), j != k
-* consistency:               (s_a(p) - s_b(p))**2 / (2 * c_k * huber_beta_mm) at the same physical points p
+* consistency:               huber(s_a(p) - s_b(p); beta) at the same physical points p (a Huber, not a
+                             square: a square made the constant map the attractor, docs/bpr.md)
+* centre:                    huber(mean(s_b) - mean(s_a) - c_k * D_centre,k; beta) per crop pair: the mean of
+                             a linear map over a crop is its value at the crop centre (weight 5 by default:
+                             the crop-level position is what the model has to learn)
 
 Formulas, units and the reasons behind them are in docs/bpr.md.
 """
@@ -43,8 +47,8 @@ def _read(out: Tensor, pos_vox: Tensor, crop_vox: Tensor) -> Tensor:
 def bpr_losses(model_out_a: Tensor, model_out_b: Tensor, offset_vox: Tensor, spacing_zyx: Tensor,
                total_stride: tuple[int, int, int], scale_per_mm: Tensor, rng_generator: torch.Generator | None = None,
                num_pairs: int = 2048, *, order_weight: float = 1.0, distance_weight: float = 1.0,
-               consistency_weight: float = 1.0, leakage_weight: float = 1.0, huber_beta_mm: float = 2.0,
-               min_order_mm: float = 2.0) -> dict[str, Tensor]:
+               consistency_weight: float = 1.0, leakage_weight: float = 1.0, centre_weight: float = 5.0,
+               huber_beta_mm: float = 2.0, min_order_mm: float = 2.0) -> dict[str, Tensor]:
     """Order, distance and consistency losses for a batch of crop pairs; returns them and their weighted total.
 
     Args:
@@ -58,9 +62,10 @@ def bpr_losses(model_out_a: Tensor, model_out_b: Tensor, offset_vox: Tensor, spa
         rng_generator: torch generator for the point sampling (its device is used for sampling).
         num_pairs: random pairs per crop pair (a third within a, within b, across); additionally
             ``num_pairs // 4`` axis-aligned pairs (leakage) and ``num_pairs // 4`` consistency points.
+            Crops need not overlap (consistency then skips the pair; the other terms hold for any offset).
 
     Returns:
-        ``{"order", "distance", "consistency", "total"}``, scalars; ``total`` is the weighted sum.
+        ``{"order", "distance", "consistency", "centre", "total"}``, scalars; ``total`` is the weighted sum.
     """
     if model_out_a.shape != model_out_b.shape or model_out_a.ndim != 5 or model_out_a.shape[1] != 3:
         raise ValueError(f"expected two (B,3,z,y,x) outputs of equal shape, got {tuple(model_out_a.shape)} "
@@ -129,9 +134,18 @@ def bpr_losses(model_out_a: Tensor, model_out_b: Tensor, offset_vox: Tensor, spa
     distance = distance + leakage_weight * leak
 
     # Consistency: the same physical point in both crops gets the same coordinates.
-    diff2 = (sa[:, ic] - sb[:, ic]) ** 2 / (2 * beta)
-    w = valid.to(diff2.dtype)[:, None, None].expand_as(diff2)
-    consistency = (diff2 * w).sum() / w.sum().clamp_min(1)
+    err = _huber(sa[:, ic] - sb[:, ic], beta)
+    w = valid.to(err.dtype)[:, None, None].expand_as(err)
+    consistency = (err * w).sum() / w.sum().clamp_min(1)
 
-    total = order_weight * order + distance_weight * distance + consistency_weight * consistency
-    return {"order": order, "distance": distance, "consistency": consistency, "total": total}
+    # Centre: the mean of a linear map over a crop is its value at the crop centre (the low-res cells
+    # are symmetric about it), so the two crops' means differ by c times the crops' displacement.
+    # One term per crop pair for the crop-level (absolute) position, free of the per-point noise of
+    # the terms above; it works for overlapping and far-apart crops alike.
+    d_centre = model_out_b.float().mean(dim=(2, 3, 4)) - model_out_a.float().mean(dim=(2, 3, 4))
+    dmm_centre = (-offset * spacing).flip(-1)  # centre of b minus centre of a, mm, channel order
+    centre = _huber(d_centre - c * dmm_centre, beta).mean()
+
+    total = (order_weight * order + distance_weight * distance + consistency_weight * consistency
+             + centre_weight * centre)
+    return {"order": order, "distance": distance, "consistency": consistency, "centre": centre, "total": total}

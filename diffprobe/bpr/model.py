@@ -6,24 +6,32 @@ Output channels, in **world-axis order** (not numpy order!):
 * channel 1 = anterior-posterior (AP, along y; grows towards posterior),
 * channel 2 = cranio-caudal (CC, along z; grows towards superior),
 
-in units of ``scale_per_mm`` (the trainer's choice, e.g. 0.01/mm: 100 mm = 1 unit), at the
-network's low resolution (``total_stride`` voxels per output cell).
+in units of ``scale_per_mm`` (the trainer's choice, e.g. 0.01/mm: 100 mm = 1 unit), on the
+output grid (``total_stride`` voxels per output cell).
 
-Why the architecture looks like this: a voxel's body coordinate is not visible locally (a patch
-of liver looks the same 2 cm higher up), it has to be inferred from the surrounding anatomy.
-So after the strided encoder the model stacks dilated residual blocks and a **global-context
-branch** (mean-pooled features through a small MLP, broadcast back and added to every cell),
-giving every output cell the whole crop as receptive field.  There are deliberately no
-coordinate channels or positional encodings: the position *within the crop* is meaningless
-(crops are random), and the losses make the output depend on anatomy only.
+How a crop's coordinates are made (docs/bpr.md has the measurements behind each choice):
 
-No normalisation layers by default (``norm="none"``): per-crop normalisation (Instance/GroupNorm)
-subtracts each crop's own feature statistics, and those statistics — how much lung, fat or bone
-the crop holds — are position cues; it also makes predictions depend on the field of view.  On
-phantoms the unnormalised net learnt the coordinate scale 1.5-3x faster (docs/bpr.md).
-``norm="group"`` is available for deeper/wider variants that need it.  The global branch still
-sees the whole input, so inference is most faithful with
-``predict_coordinates(..., patch_size=<training crop size>)``.
+* **Known geometry** (``units_per_voxel`` = scale per mm x spacing, a buffer set by the trainer):
+  inside one crop the coordinates of two voxels differ by their physical displacement, which is
+  known exactly — so the model does not have to learn it, it adds the ramp
+  ``units_per_voxel * (voxel - crop centre)`` per axis.
+* **Position of the crop** (what has to be learnt): one 3-vector per crop, the body coordinate of
+  the crop centre, from the mean of the features (a whole-crop receptive field). A voxel's level
+  in the body is not visible locally; it has to be read off the surrounding anatomy, and a
+  per-crop vector can use features that vary within the crop (lung here, liver there) without
+  making the map uneven. Two crops of one scan agree exactly when their position vectors differ
+  by the crops' displacement — what the losses train — so whole-volume inference from tiles has
+  no seams when the model is right, and the seams it does show measure how wrong it is
+  (``diffprobe.bpr.evaluate.tile_disagreement``).
+* Optionally (``local_head=True``) a per-cell correction on top (non-rigid anatomy); off by
+  default: on CPU budgets it only added noise.
+* **Wide, coarse input**: the input is average-pooled (``input_pool``, default 2x4x4) before the
+  convolutions, so a crop that holds whole axial slices costs what a patch at full resolution
+  would. BatchNorm (running statistics at inference: no per-crop normalisation, which would
+  subtract exactly the position cues). No coordinate channels: the crop's own position in the
+  array says nothing about the anatomy.
+
+``predict_coordinates(..., patch_size=<training crop size>)`` gives inference the context of training.
 """
 
 from __future__ import annotations
@@ -39,6 +47,10 @@ from torch import Tensor, nn
 from diffprobe.models.tiling import separable_gaussian, tile_average, window_starts
 
 DEFAULT_STRIDES = [[1, 2, 2], [2, 2, 2], [2, 2, 2]]
+DEFAULT_INPUT_POOL = [2, 4, 4]  # average-pool the input (z, y, x) first: a wide field of view at the same cost
+DEFAULT_OUTPUT_STRIDE = [1, 4, 4]  # output grid (z, y, x); cheap, the map is the known ramp plus one vector
+DEFAULT_NORM = "batch"
+NORMS = ("batch", "group", "none")
 
 
 def _groups(channels: int) -> int:
@@ -49,12 +61,20 @@ def _groups(channels: int) -> int:
     return 1
 
 
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "group":
+        return nn.GroupNorm(_groups(channels), channels)
+    return nn.Identity()
+
+
 class _ConvNormAct(nn.Sequential):
     def __init__(self, cin: int, cout: int, norm: str, stride: list[int] | int = 1, dilation: int = 1,
                  act: bool = True):
         layers: list[nn.Module] = [
             nn.Conv3d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=norm == "none"),
-            nn.GroupNorm(_groups(cout), cout) if norm == "group" else nn.Identity(),
+            _norm(norm, cout),
         ]
         if act:
             layers.append(nn.LeakyReLU(0.01, inplace=True))
@@ -86,22 +106,36 @@ class _GlobalContext(nn.Module):
         return x + self.mlp(x.mean(dim=(2, 3, 4)))[:, :, None, None, None]
 
 
-class BodyPartRegressor(nn.Module):
-    """3D CNN: (B, C, z, y, x) CT -> (B, 3, z/sz, y/sy, x/sx) body coordinates (LR, AP, CC).
+def _triple(values, name: str, default: list[int]) -> list[int]:
+    out = list(default) if values is None else [int(v) for v in values]
+    if len(out) != 3 or min(out) < 1:
+        raise ValueError(f"{name} must be three positive ints (z, y, x), got {values}")
+    return out
 
-    ``strides`` has one per-axis (z, y, x) stride per encoder stage (``depth`` stages; default
-    ``[[1,2,2],[2,2,2],[2,2,2]]`` truncated/extended with ``[2,2,2]``); channels are
-    ``width * 2**stage`` (width, 2 width, 4 width, ...).  ``total_stride`` is their per-axis product;
-    inputs should be multiples of it (``predict_coordinates`` pads; training crops must be, for the
-    losses' position convention).  ``norm``: "none" (default) or "group" (see module docstring).
-    ``config()`` returns the constructor arguments, for checkpoints loaded with ``weights_only=True``.
+
+class BodyPartRegressor(nn.Module):
+    """3D CNN: (B, C, z, y, x) CT -> (B, 3, z/oz, y/oy, x/ox) body coordinates (LR, AP, CC).
+
+    Features: input average-pooled by ``input_pool``, a stem conv, ``depth`` stages (strided conv +
+    residual block; channels ``width * 2**stage``; ``strides`` default ``[[1,2,2],[2,2,2],[2,2,2]]``
+    truncated/extended with ``[2,2,2]``), dilated residual blocks and a global-context block.
+    ``feature_stride`` = input_pool x strides. Output on the grid of ``total_stride`` (=
+    ``output_stride``, which should divide ``feature_stride``): ramp (``units_per_voxel``) + crop
+    position (MLP of the mean feature) [+ local head, upsampled]. Inputs should be multiples of
+    ``feature_stride`` (training crops must be multiples of ``total_stride``, for the losses'
+    position convention; ``predict_coordinates`` pads to multiples of ``total_stride``).
+    ``norm``: "batch" (default), "group" or "none". ``config()`` returns the constructor
+    arguments, for checkpoints loaded with ``weights_only=True``; ``units_per_voxel`` is also a
+    buffer, so ``load_state_dict`` restores it into a model built without it.
     """
 
     def __init__(self, in_channels: int = 1, width: int = 16, depth: int = 3, strides: list[list[int]] | None = None,
-                 *, norm: str = "none"):
+                 *, norm: str = DEFAULT_NORM, units_per_voxel: list[float] | None = None,
+                 input_pool: list[int] | None = None, output_stride: list[int] | None = None,
+                 local_head: bool = False):
         super().__init__()
-        if norm not in ("none", "group"):
-            raise ValueError(f"norm must be 'none' or 'group', got {norm!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         if strides is None:
             strides = [list(s) for s in DEFAULT_STRIDES[:depth]] + [[2, 2, 2]] * max(0, depth - len(DEFAULT_STRIDES))
         strides = [[int(v) for v in s] for s in strides]
@@ -109,9 +143,17 @@ class BodyPartRegressor(nn.Module):
             raise ValueError(f"strides must be {depth} (= depth) lists of three positive ints, got {strides}")
         if width < 1 or in_channels < 1:
             raise ValueError(f"width and in_channels must be positive, got {width}, {in_channels}")
+        pool = _triple(input_pool, "input_pool", DEFAULT_INPUT_POOL)
+        out_stride = _triple(output_stride, "output_stride", DEFAULT_OUTPUT_STRIDE)
+        upv = [0.0, 0.0, 0.0] if units_per_voxel is None else [float(v) for v in units_per_voxel]
+        if len(upv) != 3:
+            raise ValueError(f"units_per_voxel must be three numbers (z, y, x), got {units_per_voxel}")
         self.in_channels, self.width, self.depth, self.norm = in_channels, width, depth, norm
-        self.strides = strides
-        self.total_stride: tuple[int, int, int] = tuple(math.prod(s[a] for s in strides) for a in range(3))
+        self.strides, self.input_pool, self.output_stride = strides, pool, out_stride
+        self.local_head = bool(local_head)
+        self.feature_stride: tuple[int, int, int] = tuple(pool[a] * math.prod(s[a] for s in strides)
+                                                          for a in range(3))
+        self.total_stride: tuple[int, int, int] = tuple(out_stride)
 
         self.stem = _ConvNormAct(in_channels, width, norm)
         stages, ch = [], width
@@ -121,19 +163,57 @@ class BodyPartRegressor(nn.Module):
             ch = cout
         self.encoder = nn.Sequential(*stages)
         # Context at the lowest resolution: dilations 2 and 4 widen the local view cheaply,
-        # the global branch hands every cell a summary of the whole crop.
+        # the global block hands every cell a summary of the whole crop.
         self.context = nn.Sequential(_ResBlock(ch, norm, dilation=2), _ResBlock(ch, norm, dilation=4),
                                      _GlobalContext(ch), _ResBlock(ch, norm))
-        self.head = nn.Sequential(nn.Conv3d(ch, ch, 1), nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(ch, 3, 1))
+        self.position = nn.Sequential(nn.Linear(2 * ch, ch), nn.LeakyReLU(0.01, inplace=True), nn.Linear(ch, 3))
+        self.vote = nn.Sequential(nn.Conv3d(ch, ch, 1), nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(ch, 6, 1))
+        self.head = nn.Sequential(nn.Conv3d(ch, ch, 1), nn.LeakyReLU(0.01, inplace=True),
+                                  nn.Conv3d(ch, 3, 1)) if self.local_head else None
+        # coordinate units per voxel along (z, y, x): scale_per_mm * spacing; zeros = no ramp
+        self.register_buffer("units_per_voxel", torch.tensor(upv, dtype=torch.float32))
 
     def config(self) -> dict:
         """Constructor arguments as plain JSON-able values: ``BodyPartRegressor(**model.config())``."""
         return {"in_channels": self.in_channels, "width": self.width, "depth": self.depth,
-                "strides": [list(s) for s in self.strides], "norm": self.norm}
+                "strides": [list(s) for s in self.strides], "norm": self.norm,
+                "units_per_voxel": [float(v) for v in self.units_per_voxel], "input_pool": list(self.input_pool),
+                "output_stride": list(self.output_stride), "local_head": self.local_head}
+
+    def ramp(self, out_shape: tuple[int, int, int], device=None, dtype=torch.float32,
+             stride: tuple[int, int, int] | None = None) -> Tensor:
+        """(1, 3, *out_shape): ``units_per_voxel`` x each output cell's voxel offset from the grid centre,
+        channels (LR, AP, CC) along (x, y, z); cell ``p`` stands for voxel ``p * stride + (stride - 1) / 2``."""
+        axes = []
+        for a, (n, s) in enumerate(zip(out_shape, stride or self.total_stride, strict=True)):
+            t = (torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2) * s * self.units_per_voxel[a]
+            shape = [1, 1, 1]
+            shape[a] = n
+            axes.append(t.reshape(shape).expand(*out_shape))
+        return torch.stack(axes[::-1])[None].to(dtype)
+
+    def features(self, x: Tensor) -> Tensor:
+        """(B, C, z, y, x) -> (B, channels, z/fz, y/fy, x/fx) at ``feature_stride``."""
+        if self.input_pool != [1, 1, 1]:
+            x = F.avg_pool3d(x, self.input_pool, ceil_mode=True)
+        return self.context(self.encoder(self.stem(x)))
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, C, z, y, x) -> (B, 3, ceil(z/sz), ceil(y/sy), ceil(x/sx)); channels (LR, AP, CC)."""
-        return self.head(self.context(self.encoder(self.stem(x))))
+        """(B, C, z, y, x) -> (B, 3, ceil(z/oz), ceil(y/oy), ceil(x/ox)); channels (LR, AP, CC)."""
+        out_shape = tuple(math.ceil(n / s) for n, s in zip(x.shape[2:], self.total_stride, strict=True))
+        f = self.features(x)
+        pooled = torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)  # what is where; what is there
+        g = self.position(pooled)
+        v = self.vote(f)
+        votes = (v[:, :3] - self.ramp(tuple(f.shape[2:]), f.device, f.dtype, self.feature_stride)).flatten(2)
+        g = g + (torch.softmax(v[:, 3:].flatten(2), dim=-1) * votes).sum(-1)
+        out = g[:, :, None, None, None].expand(-1, -1, *out_shape)
+        if self.head is not None:
+            local = self.head(f)
+            if tuple(local.shape[2:]) != out_shape:
+                local = F.interpolate(local, size=out_shape, mode="trilinear", align_corners=False)
+            out = out + local
+        return out + self.ramp(out_shape, out.device, out.dtype)
 
 
 @torch.no_grad()

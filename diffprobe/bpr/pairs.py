@@ -4,7 +4,8 @@ The body part regressor is trained without labels: the only "label" is geometry.
 ``a`` and ``b`` are cut from the same preprocessed volume at random, overlapping positions, so
 the physical displacement between any voxel of ``a`` and any voxel of ``b`` is known exactly
 (``offset_vox`` times the spacing).  The losses (``losses.py``) turn that into order, distance
-and consistency constraints on the predicted coordinates.
+and consistency constraints on the predicted coordinates. ``sample_far_pair`` draws two crops
+at independent places of one volume (no overlap needed): offsets as long as the scan.
 
 Conventions (see docs/bpr.md): arrays are (C, z, y, x) in canonical orientation; ``offset_vox``
 is ``start_a - start_b`` per axis, so voxel ``i`` of ``a`` is voxel ``i + offset_vox`` of ``b``
@@ -16,6 +17,7 @@ they would change what "left" or "superior" means, which is the very thing the m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +94,34 @@ def sample_crop_pair(volume: np.ndarray, crop_size: tuple[int, int, int], rng: n
     crop_size = tuple(int(n) for n in crop_size)
     a = extract_crop(vol, start_a, crop_size, pad_value)
     b = extract_crop(vol, start_b, crop_size, pad_value)
+    if noise_std > 0:
+        b += rng.standard_normal(b.shape, dtype=np.float32) * np.float32(noise_std)
+    return CropPair(a=a, b=b, offset_vox=start_a - start_b, start_a=start_a, start_b=start_b)
+
+
+def random_start(dim: int, n: int, rng: np.random.Generator) -> int:
+    """A crop start along one axis, uniform over the starts where the crop fits (or holds the whole axis)."""
+    lo, hi = min(0, dim - n), max(0, dim - n)
+    return int(rng.integers(lo, hi + 1))
+
+
+def sample_far_pair(read: Callable[[np.ndarray, tuple[int, int, int]], np.ndarray], shape: tuple[int, int, int],
+                    crop_size: tuple[int, int, int], rng: np.random.Generator, *, noise_std: float = 0.0) -> CropPair:
+    """Two crops of one volume at independent uniform positions: any offset the volume allows.
+
+    Overlapping pairs (``sample_crop_pair``) only tell the model how coordinates change over half
+    a crop; a coordinate that is right across a whole scan needs pairs as far apart as the scan
+    is long (the ``order`` and ``distance`` terms then compare anatomy 100s of mm apart).
+    ``read(start, size)`` returns the (C, *size) crop at ``start`` (z, y, x, may be negative),
+    padded outside the volume of spatial ``shape`` — e.g. ``lambda s, n: extract_crop(vol, s, n)``,
+    or a lazy reader of a file. Starts follow ``sample_crop_pair``'s rule for crop ``a``;
+    ``noise_std`` as there (``b`` only).
+    """
+    crop_size = tuple(int(n) for n in crop_size)
+    start_a = np.array([random_start(d, n, rng) for d, n in zip(shape, crop_size, strict=True)], np.int64)
+    start_b = np.array([random_start(d, n, rng) for d, n in zip(shape, crop_size, strict=True)], np.int64)
+    a = np.asarray(read(start_a, crop_size), np.float32)
+    b = np.array(read(start_b, crop_size), np.float32)
     if noise_std > 0:
         b += rng.standard_normal(b.shape, dtype=np.float32) * np.float32(noise_std)
     return CropPair(a=a, b=b, offset_vox=start_a - start_b, start_a=start_a, start_b=start_b)

@@ -26,7 +26,7 @@ SIZE_CLASSES: dict[str, dict[str, Any]] = {
         "patch_aim": [16, 48, 48], "batch_size": 2, "base_channels": 8, "max_channels": 64, "max_levels": 4,
         "blocks_per_level": 1, "bpr_width": 8,
         "training": {
-            "bpr": {"steps": 200, "lr": 1e-3},
+            "bpr": {"steps": 800, "lr": 3e-3},
             "diffusion": {"steps": 500, "lr": 1e-3, "warmup_steps": 20, "ema_decay": 0.99},
             "probe": {"steps": 1000, "lr": 2e-2, "width": 32, "batch_size": 2},
             "checkpoint_every": 50, "num_workers": 1, "channels_last": True, "compile": False,
@@ -37,7 +37,7 @@ SIZE_CLASSES: dict[str, dict[str, Any]] = {
         "min_spacing": [3.0, 1.5, 1.5],  # CPU: a whole abdomen at 1.5 mm is ~4x fewer voxels than at 0.8 mm
         "blocks_per_level": 1, "bpr_width": 16,
         "training": {
-            "bpr": {"steps": 600, "lr": 1e-3},
+            "bpr": {"steps": 800, "lr": 3e-3},
             "diffusion": {"steps": 1500, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.995},
             "probe": {"steps": 1000, "lr": 2e-2, "width": 32, "batch_size": 2},
             "checkpoint_every": 100, "num_workers": 1, "channels_last": True, "compile": False,
@@ -47,7 +47,7 @@ SIZE_CLASSES: dict[str, dict[str, Any]] = {
         "patch_aim": [32, 64, 64], "batch_size": 2, "base_channels": 16, "max_channels": 128, "max_levels": 5,
         "blocks_per_level": 2, "bpr_width": 16,
         "training": {
-            "bpr": {"steps": 2000, "lr": 1e-3},
+            "bpr": {"steps": 2000, "lr": 3e-3},
             "diffusion": {"steps": 20000, "lr": 1e-4, "warmup_steps": 500, "ema_decay": 0.999},
             "probe": {"steps": 3000, "lr": 2e-2, "width": 32, "batch_size": 2},
             "checkpoint_every": 500, "num_workers": 4, "channels_last": True, "compile": False,
@@ -57,7 +57,7 @@ SIZE_CLASSES: dict[str, dict[str, Any]] = {
         "patch_aim": [32, 128, 128], "batch_size": 1, "base_channels": 32, "max_channels": 256, "max_levels": 5,
         "blocks_per_level": 2, "bpr_width": 32,
         "training": {
-            "bpr": {"steps": 10000, "lr": 1e-3},
+            "bpr": {"steps": 10000, "lr": 3e-3},
             "diffusion": {"steps": 300000, "lr": 1e-4, "warmup_steps": 2000, "ema_decay": 0.9999},
             "probe": {"steps": 10000, "lr": 2e-2, "width": 32, "batch_size": 2},
             "checkpoint_every": 1000, "num_workers": 8, "channels_last": True, "compile": False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from diffprobe import __version__, paths
-from diffprobe.bpr import BodyPartRegressor, bpr_losses, collate_pairs, sample_crop_pair
+from diffprobe.bpr import BodyPartRegressor, bpr_losses, collate_pairs, sample_crop_pair, sample_far_pair
 from diffprobe.devices import resolve_device
 from diffprobe.diffusion import GaussianDiffusion
 from diffprobe.errors import DiffprobeError
@@ -37,6 +38,9 @@ from diffprobe.utils import read_json, write_json
 
 STAGES = ("bpr", "diffusion", "all")
 BPR_SCALE_PER_MM = 0.01  # anchored scale: 100 mm = 1 coordinate unit
+BPR_CONTEXT = (2, 4, 4)  # BPR crop = planned crop x this (z, y, x): whole axial slices of context
+BPR_FAR_FRACTION = 0.5  # share of BPR crop pairs at independent places of a volume (docs/bpr.md)
+BPR_NOISE_STD = 0.02  # Gaussian noise on crop b (normalised units, ~23 HU)
 __all__ = ["MODEL_FORMAT", "PretrainResult", "pretrain", "model_dir", "available_datasets", "collect_volumes"]
 
 # pretrain's flags -> the plans key they override (a path in plans.json)
@@ -115,26 +119,62 @@ def run_plans(plans: dict, overrides: dict[str, Any] | None) -> dict:
 
 # ---- BPR ------------------------------------------------------------------------------------
 class BprBatches:
-    """Crop pairs with known offsets, deterministic per step; reads only a region around each pair."""
+    """Crop pairs with known offsets, deterministic per step; reads only the crops' regions.
 
-    def __init__(self, volumes: list[pdata.VolumeRef], crop: list[int], batch_size: int, seed: int, rank: int):
+    A ``far_fraction`` of the pairs are two crops at independent places of one volume (long-range
+    order and distance: the coordinate must be right across the whole scan); the others overlap
+    (``sample_crop_pair``: consistency of the same voxels seen in two contexts).
+    """
+
+    def __init__(self, volumes: list[pdata.VolumeRef], crop: list[int], batch_size: int, seed: int, rank: int,
+                 far_fraction: float | None = None, noise_std: float | None = None):
         self.volumes, self.crop, self.batch_size, self.seed, self.rank = volumes, tuple(crop), batch_size, seed, rank
+        self.far_fraction = BPR_FAR_FRACTION if far_fraction is None else float(far_fraction)
+        self.noise_std = BPR_NOISE_STD if noise_std is None else float(noise_std)
+        # long scans hold more distinct levels: volumes are drawn by their length along z plus one crop
+        lengths = np.array([v.shape[0] + self.crop[0] for v in volumes], float)
+        self.weights = lengths / lengths.sum()
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         rng = pdata.step_rng(self.seed, step, self.rank, stream=1)
         pairs, spacings = [], []
-        for _ in range(self.batch_size):
-            ref = self.volumes[int(rng.integers(len(self.volumes)))]
-            region = tuple(int(c * 1.5) for c in self.crop)
-            span = np.maximum(np.array(ref.shape) - np.array(region), 0)
-            start = np.array([int(rng.integers(0, s + 1)) for s in span])
-            vol = pdata.read_region(open_array(ref.data_path), start, region, fill=-1.0)
-            pairs.append(sample_crop_pair(vol, self.crop, rng, noise_std=0.02))
+        for i in range(self.batch_size):
+            ref = self.volumes[int(rng.choice(len(self.volumes), p=self.weights))]
+            arr = open_array(ref.data_path)
+            # deterministic split (not a coin per pair): every batch holds both kinds
+            if i < round(self.far_fraction * self.batch_size):
+                pairs.append(sample_far_pair(functools.partial(_read_crop, arr), tuple(ref.shape), self.crop, rng,
+                                             noise_std=self.noise_std))
+            else:
+                region = tuple(int(c * 1.5) for c in self.crop)
+                span = np.maximum(np.array(ref.shape) - np.array(region), 0)
+                start = np.array([int(rng.integers(0, s + 1)) for s in span])
+                vol = pdata.read_region(arr, start, region, fill=-1.0)
+                pairs.append(sample_crop_pair(vol, self.crop, rng, noise_std=self.noise_std))
             spacings.append(ref.spacing)
         out = collate_pairs(pairs)
         out["spacing"] = torch.tensor(spacings, dtype=torch.float32)
         out["step"] = step
         return out
+
+
+def _read_crop(arr, start, size) -> np.ndarray:
+    return pdata.read_region(arr, start, size, fill=-1.0)
+
+
+def bpr_crop(planned: list[int], feature_stride: tuple[int, int, int],
+             median_shape: list[float] | None = None) -> list[int]:
+    """The BPR's training crop and inference window: the planned crop (``training.bpr.crop``) times
+    :data:`BPR_CONTEXT`, but no larger than the median volume (``median_shape``, rounded up), in
+    multiples of the BPR's ``feature_stride`` (its input is average-pooled, so the convolutions
+    cost what the planned crop at full resolution would)."""
+    out = []
+    for a, (c, f, k) in enumerate(zip(planned, BPR_CONTEXT, feature_stride, strict=True)):
+        n = c * f
+        if median_shape is not None:
+            n = min(n, math.ceil(median_shape[a] / k) * k)
+        out.append(max(k, int(round(n / k)) * k))
+    return out
 
 
 def _bpr_loss(model, batch, step: int, seed: int, total_stride):
@@ -153,12 +193,13 @@ def train_bpr(volumes, plans: Plans, out: Path, device: torch.device, resume: bo
     """Train the BPR as planned (``training.bpr``: steps, lr, width, crop)."""
     torch.manual_seed(seed)  # the initial weights: same seed, same model (a resumed run loads them instead)
     cfg, train = plans.stage("bpr"), plans.training
-    model = BodyPartRegressor(width=int(cfg["width"]))
-    crop = [max(k, (c // k) * k) for c, k in zip(cfg["crop"], model.total_stride)]
+    spacing = [float(v) for v in plans.raw["preprocessing"]["target_spacing"]]
+    model = BodyPartRegressor(width=int(cfg["width"]), units_per_voxel=[BPR_SCALE_PER_MM * v for v in spacing])
+    crop = bpr_crop(cfg["crop"], model.feature_stride, np.median([v.shape for v in volumes], axis=0).tolist())
     warmup = cfg.get("warmup_steps", train["diffusion"]["warmup_steps"])
     tcfg = TrainerConfig(total_steps=int(cfg["steps"]), lr=float(cfg["lr"]), warmup_steps=int(warmup),
                          checkpoint_every=int(train["checkpoint_every"]), seed=seed,
-                         samples_per_step=2 * plans.batch_size,
+                         samples_per_step=2 * max(2, plans.batch_size),
                          extra={"stage": "bpr", "width": int(cfg["width"]), "crop": crop})
     trainer = Trainer(model, functools.partial(_bpr_loss, seed=seed, total_stride=model.total_stride), tcfg,
                       out / "bpr", device, name="bpr")
@@ -274,7 +315,8 @@ def pretrain(datasets: list[str] | None = None, name: str = "default", stage: st
 
 
 def _write_bpr_consistency(volumes: list[pdata.VolumeRef], out: Path) -> dict | None:
-    """Organ-centroid spread in BPR vs array coordinates on the labelled training volumes."""
+    """Organ-centroid spread in BPR vs array coordinates on the labelled training volumes
+    (``bpr_consistency.json``), then the per-scan quality report and figures (``_write_bpr_quality``)."""
     from diffprobe.bpr.evaluate import organ_centroid_spread
 
     by_dir: dict[Path, list[pdata.VolumeRef]] = {}
@@ -287,4 +329,66 @@ def _write_bpr_consistency(volumes: list[pdata.VolumeRef], out: Path) -> dict | 
         report[data_dir.parent.parent.name] = organ_centroid_spread(
             data_dir, [r.identifier for r in refs], maps, labels, BPR_SCALE_PER_MM)
     write_json(out / "bpr_consistency.json", report)
+    _write_bpr_quality(volumes, out, report)
+    return report
+
+
+BPR_QUALITY_MIN_SPEARMAN = 0.95  # the cranio-caudal coordinate must be monotone along each scan (docs/bpr.md)
+BPR_MAX_SCAN_FIGURES = 24  # per-scan figures: the first N scans (sorted); the report covers all
+
+
+def _write_bpr_quality(volumes: list[pdata.VolumeRef], out: Path, consistency: dict | None = None) -> dict:
+    """``bpr_quality.json`` next to ``bpr_consistency.json``, ``bpr_profiles.png`` and per-scan figures
+    ``bpr_figures/<dataset>/bpr_coordinates_<case>.png``.
+
+    Per scan (``diffprobe.bpr.evaluate.scan_quality``): Spearman rho between slice index and the
+    slice's mean CC coordinate, coordinate ranges and slopes in mm-equivalents, profile roughness,
+    and the tile disagreement (two inference tiles half a crop apart, on the same voxels) when the
+    scan needs more than one tile. Needs the volumes' BPR maps (``guidance_path``) and the model's
+    trained BPR (``bpr/checkpoint_final.pt`` of ``out``).
+    """
+    from diffprobe.bpr.evaluate import axis_profile, scan_quality, tile_disagreement
+    from diffprobe.pretraining.plots import plot_bpr_profiles, plot_bpr_scan
+
+    model = crop = None
+    pm = PretrainedModel(out.name)
+    if pm.folder.resolve() == out.resolve() and pm.bpr_checkpoint.is_file():
+        model, crop = pm.load_bpr("cpu")
+    scans, profiles = {}, {}
+    for i, ref in enumerate(sorted(volumes, key=lambda v: (v.data_dir.parent.parent.name, v.identifier))):
+        dataset = ref.data_dir.parent.parent.name
+        image = load_array(ref.data_path)
+        coords = load_array(ref.guidance_path).astype(np.float32)
+        q = scan_quality(coords, ref.spacing, BPR_SCALE_PER_MM, image)
+        if model is not None:
+            tiles = tile_disagreement(model, image, tuple(crop), BPR_SCALE_PER_MM)
+            q["tile_disagreement_mm"] = tiles["mm"]
+            q["tile_disagreement_by_shift_axis_mm"] = tiles["mm_by_shift_axis"]
+        q["monotone"] = bool(q["spearman_cc"] >= BPR_QUALITY_MIN_SPEARMAN)
+        key = f"{dataset}/{ref.identifier}"
+        scans[key] = q
+        profiles[key] = (np.arange(coords.shape[1]) * ref.spacing[0], axis_profile(coords, 2) / BPR_SCALE_PER_MM,
+                         q["spearman_cc"])
+        if i < BPR_MAX_SCAN_FIGURES:
+            plot_bpr_scan(image[0], coords, ref.spacing, BPR_SCALE_PER_MM, f"BPR coordinates: {key}",
+                          out / "bpr_figures" / dataset / f"bpr_coordinates_{ref.identifier}.png", q)
+    rhos = [q["spearman_cc"] for q in scans.values()]
+    report = {
+        "definition": {
+            "spearman_cc": "Spearman rho between slice index and the slice's mean CC coordinate",
+            "range_mm": "max - min of the per-index mean coordinate along its own axis, / scale_per_mm",
+            "extent_mm": "the scan's physical length along that axis", "slope": "fitted slope / scale_per_mm",
+            "roughness_mm": "RMS second difference of that profile / scale_per_mm (tile stripes)",
+            "tile_disagreement_mm": "mean |difference| of two tiles half a crop apart on common voxels, mm "
+                                    "(absent when the scan fits one tile)"},
+        "scale_per_mm": BPR_SCALE_PER_MM, "min_spearman": BPR_QUALITY_MIN_SPEARMAN, "crop": crop,
+        "summary": {"scans": len(scans), "monotone": int(sum(q["monotone"] for q in scans.values())),
+                    "min_spearman_cc": float(np.nanmin(rhos)) if rhos else None,
+                    "consistency_ratio": {k: v.get("ratio") for k, v in (consistency or {}).items()},
+                    "rigid_bound_ratio": {k: v.get("rigid_bound_ratio") for k, v in (consistency or {}).items()}},
+        "scans": scans,
+    }
+    write_json(out / "bpr_quality.json", report)
+    if profiles:
+        plot_bpr_profiles(dict(list(profiles.items())[:BPR_MAX_SCAN_FIGURES * 2]), out / "bpr_profiles.png")
     return report
