@@ -72,8 +72,16 @@ def _random_volume(shape: Sequence[int], generator: torch.Generator) -> torch.Te
     return (torch.rand(tuple(shape), generator=generator) * 2 - 1).float()
 
 
+def _bpr_training_crop(plans: dict, model) -> list[int]:
+    """The crop pretraining trains the BPR on (the planned crop widened to the BPR's context)."""
+    from diffprobe.pretraining.pretrain import bpr_crop
+
+    median = plans.get("fingerprint_summary", {}).get("median_shape_at_target_spacing")
+    return bpr_crop(plans["training"]["bpr"]["crop"], model.feature_stride, median)
+
+
 def time_bpr(plans: dict, device: torch.device, tmp: str) -> float:
-    """Seconds per BPR optimizer step: ``max(2, batch)`` crop pairs of the planned crop."""
+    """Seconds per BPR optimizer step: ``max(2, batch)`` crop pairs of the crop pretraining uses."""
     from diffprobe.bpr import BodyPartRegressor
     from diffprobe.pretraining.pretrain import _bpr_loss
     from diffprobe.training.trainer import Trainer, TrainerConfig
@@ -81,7 +89,7 @@ def time_bpr(plans: dict, device: torch.device, tmp: str) -> float:
     torch.manual_seed(0)
     cfg = plans["training"]["bpr"]
     model = BodyPartRegressor(width=int(cfg["width"]))
-    crop = [max(k, (c // k) * k) for c, k in zip(cfg["crop"], model.total_stride)]
+    crop = _bpr_training_crop(plans, model)
     pairs = max(2, int(plans["batch_size"]))
     channels = int(plans["network"]["input_channels"])
     trainer = Trainer(model, None, TrainerConfig(total_steps=1000, lr=float(cfg["lr"]), warmup_steps=0), tmp,
@@ -216,8 +224,7 @@ def time_loaders(plans: dict, folder: Path) -> dict[str, float]:
     ref = _synthetic_volume(plans, folder)
     batch = int(plans["batch_size"])
     patches = PatchBatches([ref], [int(p) for p in plans["patch_size"]], batch, "bpr", True, 0, 0)
-    stride = BodyPartRegressor(width=int(plans["training"]["bpr"]["width"])).total_stride
-    crop = [max(k, (c // k) * k) for c, k in zip(plans["training"]["bpr"]["crop"], stride)]
+    crop = _bpr_training_crop(plans, BodyPartRegressor(width=int(plans["training"]["bpr"]["width"])))
     pairs = BprBatches([ref], crop, max(2, batch), 0, 0)
     cpu = torch.device("cpu")
     return {"diffusion": _time_steps(patches.batch, cpu), "bpr": _time_steps(pairs.batch, cpu)}
