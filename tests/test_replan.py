@@ -143,7 +143,19 @@ def test_plans_decide_what_is_trained_end_to_end(small_roots, tmp_path):
         first_conv = next(v for k, v in state.items() if v.ndim == 5)
         assert first_conv.shape[0] == 16
         assert model.plans.patch_size == [8, 32, 32]
-        assert load_checkpoint(model.bpr_checkpoint)["config"]["extra"]["crop"] == [8, 32, 32]
+        # the BPR's crop follows the planned one (training.bpr.crop = patch), widened to its context
+        from diffprobe.bpr import BodyPartRegressor
+        from diffprobe.pretraining.pretrain import bpr_crop
+
+        assert model.plans.stage("bpr")["crop"] == [8, 32, 32]
+        from diffprobe.preprocessing.access import preprocessed_cases
+        from diffprobe.preprocessing.volumes import volume_refs
+
+        data_dir, _, ids = preprocessed_cases(1)
+        median = np.median([v.shape for v in volume_refs(data_dir, ids)], axis=0).tolist()
+        expected = bpr_crop([8, 32, 32], BodyPartRegressor(width=model.plans.stage("bpr")["width"]).feature_stride,
+                            median)
+        assert load_checkpoint(model.bpr_checkpoint)["config"]["extra"]["crop"] == expected
 
         linear_t = load_plans(roots["preprocessed"] / "Dataset001_Phantoms" / "diffprobe" / "plans.json")[
             "diffusion"]["feature_timesteps"]
