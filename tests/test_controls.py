@@ -157,15 +157,29 @@ def test_controls_quick_every_row_csv_png_and_resume(roots, capsys):
 def test_label_sweep_runs_small_nested(roots, capsys):
     from diffprobe.workflows.ablations.labels import nested_subsets
 
-    assert main(["ablate", "labels", "-d", "1", "-m", "tiny", "--n", "1", "2", "--quick"]) == 0
+    # --pretrain: the method's model is pretrained first (as planned; --quick: 2 + 2 steps)
+    assert main(["ablate", "labels", "-d", "1", "-m", "tiny_pre", "--pretrain", "--n", "1", "2", "--quick"]) == 0
     out = roots["results"] / DATASET / "diffprobe" / "ablations" / "labels"
-    rows = read_csv(out / "tiny__fold_0.csv")
+    rows = read_csv(out / "tiny_pre__fold_0.csv")
     assert [(r["n"], r["row"]) for r in rows] == [("1", "pretrained"), ("1", "from_scratch"),
                                                   ("2", "pretrained"), ("2", "from_scratch")]
     one, two = rows[0]["train_cases"].split(), rows[2]["train_cases"].split()
     assert len(one) == 1 and len(two) == 2 and set(one) <= set(two)
     assert rows[1]["train_cases"] == rows[0]["train_cases"]
-    assert_png(out / "tiny__fold_0.png")
+    assert_png(out / "tiny_pre__fold_0.png")
     subsets = nested_subsets(["c", "a", "d", "b"], [1, 3, 4])
     assert subsets[1] == subsets[3][:1] and subsets[3] == subsets[4][:3] and sorted(subsets[4]) == list("abcd")
     assert main(["ablate", "labels", "-d", "1", "-m", "tiny", "--n", "9", "--quick"]) == 1  # more than the fold has
+
+
+def test_pretrain_seconds_from_logs_or_timed(roots):
+    from diffprobe.pretraining.pretrained_model import PretrainedModel
+    from diffprobe.workflows.ablations.time_budget import pretrain_seconds
+
+    total, info = pretrain_seconds(PretrainedModel("tiny"))
+    assert info["source"] == "training logs" and total == pytest.approx(info["bpr_seconds"] + info["diffusion_seconds"])
+    shutil.copytree(roots["results"] / "pretrained" / "tiny", roots["results"] / "pretrained" / "tiny_nolog")
+    for stage in ("bpr", "diffusion"):  # an installed model: checkpoints, no logs
+        (roots["results"] / "pretrained" / "tiny_nolog" / stage / "training_log.jsonl").unlink()
+    total, info = pretrain_seconds(PretrainedModel("tiny_nolog"))
+    assert info["source"].startswith("timed") and total > 0 and info["bpr_seconds"] > 0
