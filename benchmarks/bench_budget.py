@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/bench_budget.py --budget_minutes 10 [30 60] [--device cpu]
-        [--workdir DIR] [--plan_only] [--json results.json] [--wait_idle 1.0]
+        [--workdir DIR] [--plan_only] [--json results.json] [--wait_idle 1] [--threads 1]
 
 For each budget, from scratch in its own roots: make_phantoms (8 labelled + 4 unlabelled, the
 ``make_phantoms`` defaults) -> ``plan_and_preprocess(budget_minutes=B)`` (times the candidates
@@ -50,11 +50,27 @@ class LoadSampler:
         return {"mean": round(sum(s) / len(s), 2), "max": round(max(s), 2)}
 
 
+def running_tasks(seconds: float = 20.0) -> float:
+    """Mean number of runnable tasks over ``seconds`` (Linux /proc/stat ``procs_running``, this process
+    included), a current figure where the load average lags a minute behind; the load average elsewhere."""
+    try:
+        samples = []
+        for _ in range(int(seconds)):
+            with open("/proc/stat") as f:
+                samples.append(next(int(line.split()[1]) for line in f if line.startswith("procs_running")))
+            time.sleep(1)
+        return sum(samples) / len(samples)
+    except (OSError, StopIteration):
+        return os.getloadavg()[0]
+
+
 def wait_for_idle(max_load: float, timeout_s: float) -> float:
-    """Wait until the 1-minute load average is below ``max_load`` (at most ``timeout_s``); returns the wait."""
+    """Wait until fewer than ``max_load`` tasks (besides this one) are runnable on average over 20 s, twice in
+    a row (at most ``timeout_s``); returns the seconds waited."""
     t0 = time.perf_counter()
-    while os.getloadavg()[0] > max_load and time.perf_counter() - t0 < timeout_s:
-        time.sleep(15)
+    quiet = 0
+    while quiet < 2 and time.perf_counter() - t0 < timeout_s:
+        quiet = quiet + 1 if running_tasks() - 1 < max_load else 0
     return round(time.perf_counter() - t0, 1)
 
 
@@ -65,7 +81,7 @@ def loop_seconds(history: list[dict], samples_per_step: int) -> float:
 
 
 def run_budget(minutes: float, base: Path, device: str, plan_only: bool, phantoms: dict,
-               idle_load: float | None = None) -> dict:
+               idle_load: float | None = None, max_wait_s: float = 3600.0) -> dict:
     from diffprobe.paths import roots_at
     from diffprobe.phantoms import PhantomConfig, make_phantom_dataset
 
@@ -75,8 +91,11 @@ def run_budget(minutes: float, base: Path, device: str, plan_only: bool, phantom
     make_phantom_dataset(base / "raw" / "Dataset001_Phantoms", PhantomConfig(**phantoms))
     out: dict = {"budget_minutes": minutes, "device": device}
     if idle_load is not None:
-        out["waited_for_idle_s"] = wait_for_idle(idle_load, 3600)
+        out["waited_for_idle_s"] = wait_for_idle(idle_load, max_wait_s)
     out["load_before"] = [round(v, 2) for v in os.getloadavg()]
+    import torch
+
+    out["torch_threads"] = torch.get_num_threads()
     with roots_at(base):
         from diffprobe.planning.plans import load_plans
         from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
@@ -129,10 +148,18 @@ def main() -> None:
     ap.add_argument("--num_unlabelled", type=int, default=4)
     ap.add_argument("--fov_mm", type=float, default=110.0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    ap.add_argument("--wait_idle", type=float, default=None, metavar="LOAD",
-                    help="on a shared machine: before each budget, wait (up to 1 h) until the 1-minute load "
-                         "average is below LOAD")
+    ap.add_argument("--wait_idle", type=float, default=None, metavar="TASKS",
+                    help="on a shared machine: before each budget, wait (up to --max_wait_s) until fewer than TASKS "
+                         "other tasks are runnable (mean over 20 s, twice in a row)")
+    ap.add_argument("--max_wait_s", type=float, default=3600.0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for planning and training alike (default: torch's; 1 is steadier on a "
+                         "shared machine: one other busy core then does not stall every parallel op)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     phantoms = {"num_train_labelled": args.num_labelled, "num_train_unlabelled": args.num_unlabelled,
                 "num_test": 1, "fov_mm": args.fov_mm}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_budget_"))
@@ -140,7 +167,7 @@ def main() -> None:
     try:
         for minutes in args.budget_minutes:
             row = run_budget(minutes, work / f"budget_{minutes:g}", args.device, args.plan_only, phantoms,
-                             args.wait_idle)
+                             args.wait_idle, args.max_wait_s)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
