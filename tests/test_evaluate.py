@@ -162,3 +162,22 @@ def test_cli_geometry_mismatch(tmp_path, capsys):
     assert main(["evaluate", "-ref", str(ref), "-pred", str(pred), "-o", str(tmp_path / "s.json")]) == 1
     err = capsys.readouterr().err
     assert str(pred / "case_b.nii.gz") in err and "geometry differs" in err and "Traceback" not in err
+
+
+def test_reference_in_another_orientation_is_reoriented_exactly(tmp_path):
+    """A reference holding the same voxels with a flipped y axis (as the shared real CT's label) is
+    compared voxel for voxel after an exact rearrangement, never paired by array index."""
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    spacing, shape = (1.0, 1.0, 2.0), SHAPE
+    labels = cube((1, 1, 2), 3) + cube((5, 6, 5), 2, value=2)
+    write_case(pred, "case.nii.gz", labels, spacing=spacing)
+    extent_y = (shape[1] - 1) * spacing[1]
+    flipped = labels[:, ::-1, :].copy()
+    write_case(ref, "case.nii.gz", flipped, spacing=spacing, origin=(0.0, extent_y, 0.0),
+               direction=(1, 0, 0, 0, -1, 0, 0, 0, 1))
+    summary = evaluate_folders(ref, pred)
+    assert summary["mean"]["1"]["Dice"] == pytest.approx(1.0)
+    assert summary["mean"]["2"]["Dice"] == pytest.approx(1.0)
+    # the same array stored without the flip (paired by index) would not match
+    write_case(ref, "case.nii.gz", flipped, spacing=spacing)
+    assert evaluate_folders(ref, pred)["mean"]["1"]["Dice"] < 0.5

@@ -21,7 +21,7 @@ import numpy as np
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.evaluation.metrics import METRIC_NAMES, case_metrics
-from diffprobe.io.geometry import relate_grids
+from diffprobe.io.geometry import reorient_onto
 from diffprobe.io.image_io import SUPPORTED_ENDINGS, file_ending, read_label
 from diffprobe.parallel import parallel_map
 from diffprobe.utils import read_json, write_json
@@ -67,13 +67,16 @@ def pair_files(ref_dir: Path, pred_dir: Path) -> list[tuple[Path, Path]]:
 def _evaluate_case(pair: tuple[Path, Path], labels: list[int] | None, tolerance_mm: float) -> dict[str, Any]:
     ref_path, pred_path = pair
     ref, pred = read_label(ref_path), read_label(pred_path)
-    if ref.array.shape != pred.array.shape:
+    # Same voxels stored in another orientation (a label written by another tool, as in the shared
+    # real CT) are compared after an exact axis rearrangement; anything else is refused.
+    pred_array, relation = reorient_onto(pred.array, pred.geometry, ref.geometry)
+    if relation.kind == "mismatch" and ref.array.shape != pred.array.shape:
         raise DiffprobeError(f"prediction has shape (z, y, x) {pred.array.shape} but reference {ref_path} has "
                              f"{ref.array.shape}", pred_path, GRID_FIX)
-    relation = relate_grids(pred.geometry, ref.geometry)
-    if relation.kind != "same":
+    if relation.kind == "mismatch":
         raise DiffprobeError(f"prediction geometry differs from reference {ref_path}: {relation.details}",
                              pred_path, GRID_FIX)
+    pred = type(pred)(pred_array, ref.geometry) if relation.kind == "reoriented" else pred
     ref_values = [int(v) for v in np.unique(ref.array) if v != 0]
     if labels is None:  # score what is in either map now; the final label set is fixed after all cases
         labels = sorted(set(ref_values) | {int(v) for v in np.unique(pred.array) if v != 0})
