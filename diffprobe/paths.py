@@ -27,7 +27,8 @@ _ROOTS = {
     "results": ("DIFFPROBE_RESULTS", "nnUNet_results"),
 }
 SUBFOLDER = "diffprobe"
-_DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
+# the name part is one folder name: no separators, so "Dataset001_../../x" is no dataset name
+_DATASET_RE = re.compile(r"^Dataset(\d{3})_([^/\\\x00]+)$")
 
 
 def root(kind: str) -> Path:
@@ -68,6 +69,15 @@ def results_root() -> Path:
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f"Dataset{dataset_id:03d}_{name}"
+
+
+def is_dataset_folder_name(name: object) -> bool:
+    """Whether ``name`` is a plain ``DatasetXXX_Name`` folder name (no path parts).
+
+    Why: dataset names read from files (a pretrained model's model.json) become folders under
+    the data roots; ``../x`` or ``/abs`` there would read or write outside them.
+    """
+    return isinstance(name, str) and _DATASET_RE.match(name) is not None
 
 
 def parse_dataset_id(spec: str | int) -> tuple[int, str | None]:

@@ -22,6 +22,14 @@ def test_parse_dataset_id(spec, expected):
     assert paths.parse_dataset_id(spec) == expected
 
 
+@pytest.mark.parametrize("spec", ["Dataset001_../../x", "Dataset001_a/b", "Dataset001_a\\b", "/abs", "../x"])
+def test_dataset_name_with_path_parts_is_no_dataset_id(spec):
+    """`-d Dataset001_../../x` (or such a name in a model.json) must not become a path outside the roots."""
+    assert not paths.is_dataset_folder_name(spec)
+    with pytest.raises(DiffprobeError, match="is not a dataset id"):
+        paths.parse_dataset_id(spec)
+
+
 def test_resolve_dataset(roots):
     (roots["raw"] / "Dataset003_Abc").mkdir()
     assert paths.dataset_name("3") == "Dataset003_Abc"

@@ -48,6 +48,26 @@ def weights_checksum(state: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def check_dataset_names(meta: dict, source: Path) -> None:
+    """Refuse a model.json whose dataset names are not plain ``DatasetXXX_Name`` folder names.
+
+    Why: stages open folders from these names (``diffprobe sample`` reads
+    ``<preprocessed>/<first dataset>/``); a model.json copied or downloaded from elsewhere with
+    ``../x`` or ``/abs`` there would make them read outside the data roots.
+    """
+    names = meta.get("datasets", [])
+    found = list(names) if isinstance(names, list) else [names]
+    plans = meta.get("plans")
+    if isinstance(plans, dict) and "dataset" in plans:
+        found.append(plans["dataset"])
+    bad = [n for n in found if not paths.is_dataset_folder_name(n)]
+    if bad:
+        raise DiffprobeError(f"model.json names dataset(s) {', '.join(repr(n) for n in bad)} that are not plain "
+                             "DatasetXXX_Name folder names (they could point outside the data roots)",
+                             source, "pretrain the model again (diffprobe pretrain) or install an archive written "
+                             "by `diffprobe export_model`; do not edit the dataset names in model.json")
+
+
 class PretrainedModel:
     """A named pretrained model on disk: its files, its metadata, and how to rebuild its networks."""
 
@@ -110,12 +130,29 @@ class PretrainedModel:
             raise DiffprobeError(f"pretrained model format {fmt!r} is not supported by this version "
                                  f"(it reads format {MODEL_FORMAT})", self.meta_path,
                                  "pretrain (diffprobe pretrain) or install a model made by this diffprobe version")
+        check_dataset_names(meta, self.meta_path)
         return meta
 
     @property
     def plans(self) -> Plans:
         """The plans snapshot the model was trained with (network, schedule, normalisation, budgets)."""
         return Plans(self.meta["plans"])
+
+    def check_timesteps(self, timesteps: list[int] | None, option: str = "--t") -> None:
+        """Refuse feature timesteps outside this model's diffusion schedule, before anything is loaded.
+
+        Why here: the valid range is the model's ``num_timesteps`` (its model.json plans); a
+        timestep outside it would otherwise surface as a ValueError deep in the feature extractor.
+        ``option`` names where the timesteps came from in the message (``--t``, or a plans key).
+        """
+        steps = int(self.meta["plans"]["diffusion"]["num_timesteps"])
+        bad = [int(t) for t in timesteps or [] if not 0 <= int(t) < steps]
+        if bad:
+            fix = (f"choose {option} between 0 and {steps - 1}, e.g. {option} 10 50 (or leave it out: the planned "
+                   "feature timesteps)" if option.startswith("-") else f"use timesteps between 0 and {steps - 1}")
+            raise DiffprobeError(f"{option} {' '.join(map(str, bad))}: outside the diffusion steps of the pretrained "
+                                 f"model '{self.name}', 0 to {steps - 1} (num_timesteps {steps} in its plans)",
+                                 self.meta_path, fix)
 
     @property
     def guidance(self) -> str:
