@@ -61,7 +61,8 @@ def print_ablation(result) -> None:
 
 _DATASET = typer.Option(..., "-d", "--dataset", help="dataset id (1, 001 or Dataset001_Name)")
 _FOLD = typer.Option("0", "-f", "--fold", help="fold whose validation cases score the probes (0-4 or all)")
-_STEPS = typer.Option(None, "--steps", help="probe training steps per run (default 300)")
+_STEPS = typer.Option(None, "--steps", help="probe training steps per run (default: the probe's, the plans' "
+                      "training.probe.steps: 1000 for the tiny and cpu size classes)")
 _HEAD = typer.Option("fpn", "--head", help="probe head: fpn or linear")
 _DEVICE = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda or cuda:N")
 _MODELS = typer.Option(None, "--models", help="pretrained model names to compare (repeat --models per name)")
@@ -71,11 +72,20 @@ _BPR_STEPS = typer.Option(None, "--bpr_steps", help="--pretrain: override the pl
 _WORKERS = typer.Option(None, "--num_workers", help="--pretrain: data-loading processes")
 
 
+def _check_fold(dataset: str, fold: str) -> None:
+    """Refuse ``-f`` when the dataset has no such fold, before an ablation pretrains or trains anything
+    (a sweep would otherwise find out only at its first probe, possibly after pretraining models)."""
+    from diffprobe.workflows.train_probe import fold_split
+
+    fold_split(dataset, fold)
+
+
 def _pretraining_sweep(dataset: str, fold: str, steps: int | None, head: str, device: str,
                        diffusion_steps: int | None, bpr_steps: int | None, num_workers: int | None) -> SweepConfig:
-    """The SweepConfig of an ablation that may pretrain its own models (``--pretrain``)."""
+    """The SweepConfig of an ablation that may pretrain its own models (``--pretrain``); checks ``-f`` first."""
     from diffprobe.workflows.ablations import SweepConfig
 
+    _check_fold(dataset, fold)
     overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "num_workers": num_workers}
     return SweepConfig(dataset, fold=fold, steps=steps, head=head, device=device, pretrain_overrides=overrides)
 
@@ -94,6 +104,7 @@ def timesteps_cmd(
     """Dice of probes on single feature timesteps vs the planned set, per organ-size group."""
     from diffprobe.workflows.ablations import SweepConfig, ablate_timesteps
 
+    _check_fold(dataset, fold)
     config = SweepConfig(dataset, fold=fold, steps=steps, head=head, device=device)
     print_ablation(ablate_timesteps(config, timesteps or None, pretrained))
 
@@ -160,6 +171,7 @@ def tune_timesteps_cmd(
     """Choose the feature timesteps by validation Dice (greedy forward selection) and write them to plans.json."""
     from diffprobe.workflows.ablations import SweepConfig, tune_timesteps
 
+    _check_fold(dataset, fold)
     config = SweepConfig(dataset, fold=fold, steps=steps, head=head, device=device)
     result = tune_timesteps(config, candidates or None, pretrained, k=k, write=not dry_run)
     print_ablation(result.sweep)

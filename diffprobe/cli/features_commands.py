@@ -22,6 +22,8 @@ def features_cmd(
     """Write the frozen denoiser's multi-timestep features of a volume on its preprocessed grid (.npz)."""
     from diffprobe.devices import resolve_device
     from diffprobe.predict.embeddings import extract_features
+    from diffprobe.pretraining.pretrained_model import PretrainedModel
 
+    PretrainedModel(pretrained).check_timesteps(timesteps)  # before the image is read and preprocessed
     path = extract_features(image, output, pretrained, levels or None, timesteps or None, resolve_device(device))
     console.print(f"[green]wrote[/] {path}", highlight=False)

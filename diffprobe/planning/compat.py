@@ -57,6 +57,12 @@ def model_timesteps(dataset_plans: dict, model_plans: dict, timesteps: list[int]
                              "preprocessing.normalization...), or pretrain a model on this dataset")
     if same_schedule(dataset_plans, model_plans):
         return [int(t) for t in timesteps]
+    steps = int(dataset_plans["diffusion"]["num_timesteps"])
+    bad = [int(t) for t in timesteps if not 0 <= int(t) < steps]
+    if bad:  # they are read in the dataset's schedule before mapping (an index error otherwise)
+        raise DiffprobeError(f"timestep(s) {' '.join(map(str, bad))} outside the dataset's diffusion schedule, 0 to "
+                             f"{steps - 1}, from which they are mapped to the model '{model_name}' by noise level",
+                             plans_path, f"choose --t between 0 and {steps - 1}")
     abar_d = sch.alphas_cumprod(**{k: dataset_plans["diffusion"][k] for k in SCHEDULE_KEYS})
     abar_m = sch.alphas_cumprod(**{k: model_plans["diffusion"][k] for k in SCHEDULE_KEYS})
     levels = [float(sch.noise_std(abar_d, int(t))) for t in timesteps]

@@ -40,17 +40,37 @@ def load_or_create_splits(preprocessed_dir: Path, labelled_ids: list[str],
     return splits, path
 
 
+def parse_fold(fold: str | int, num_folds: int | None = None, source: Path | None = None) -> str:
+    """``'all'`` or a fold number as folder names write it (``'01'`` -> ``'1'``); refuses anything else.
+
+    Why: ``int()`` alone accepts ``-1``, which indexes Python's last split ("fold -1" silently
+    trains fold 4 into ``fold_-1/``). With ``num_folds`` (the splits file ``source`` holds that
+    many) a fold past the last one is refused too, naming the valid range.
+    """
+    text = str(fold).strip()
+    if text == "all":
+        return text
+    if num_folds is None:
+        valid, fix = "from 0 (5 folds by default: 0 to 4)", "use -f 0..4 (fewer if the splits file has fewer) or -f all"
+    else:
+        where = f" in {source.name}" if source is not None else ""
+        valid, fix = f"0 to {num_folds - 1} ({num_folds} folds{where})", f"use -f 0..{num_folds - 1} or -f all"
+    number = text.isascii() and text.isdigit()
+    if not number or (num_folds is not None and int(text) >= num_folds):
+        negative = "; they do not count from the end (-1 is not the last fold)" if text.startswith("-") else ""
+        more = "; for more folds write a splits file with more splits" if number else ""
+        raise DiffprobeError(f"-f {fold}: fold '{fold}' does not exist, folds are numbered {valid}{negative}",
+                             source, f"{fix} (every labelled case){more}")
+    return str(int(text))
+
+
 def fold_cases(preprocessed_dir: Path, labelled_ids: list[str], fold: str) -> tuple[list[str], list[str]]:
     """(train ids, validation ids) for fold ``0``..``4`` or ``all`` (validation = training cases, as nnU-Net)."""
-    if fold == "all":
+    if str(fold).strip() == "all":
         return sorted(labelled_ids), sorted(labelled_ids)
     splits, path = load_or_create_splits(preprocessed_dir, labelled_ids)
-    try:
-        index = int(fold)
-        split = splits[index]
-    except (ValueError, IndexError):
-        raise DiffprobeError(f"fold '{fold}' does not exist ({len(splits)} folds)", path,
-                             f"use -f 0..{len(splits) - 1} or -f all") from None
+    index = int(parse_fold(fold, len(splits), path))
+    split = splits[index]
     known = set(labelled_ids)
     missing = [c for c in split["train"] + split["val"] if c not in known]
     if missing:

@@ -38,7 +38,7 @@ from diffprobe.probe.model import (
     configuration_name,
     probe_dir,
 )
-from diffprobe.probe.splits import fold_cases
+from diffprobe.probe.splits import fold_cases, parse_fold
 from diffprobe.training import distributed as dist_utils
 from diffprobe.training.trainer import Trainer, TrainerConfig
 from diffprobe.utils import read_json, write_json
@@ -85,6 +85,16 @@ def dataset_volumes(dataset: str | int, pretrained: PretrainedModel, device: tor
 
 def labelled_ids(data_dir: Path, ids: list[str]) -> list[str]:
     return [i for i in ids if read_json(case_paths(data_dir, i)["properties"]).get("labelled")]
+
+
+def fold_split(dataset: str | int, fold: str) -> tuple[list[str], list[str]]:
+    """(train ids, validation ids) of ``fold`` (``all`` or one of the dataset's splits).
+
+    Why its own step: it needs only the preprocessed case list, so a fold that does not exist
+    (``-f -1``, ``-f 7`` of 5 folds) is refused before a denoiser or BPR map is loaded.
+    """
+    data_dir, _, ids = preprocessed_cases(dataset)
+    return fold_cases(data_dir.parent, labelled_ids(data_dir, ids), fold)
 
 
 def _loss(model, batch, step: int, probe: ProbeModel, frozen: bool):
@@ -160,9 +170,13 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
         raise ValueError(f"extractor {extractor!r} / init {init!r} / finetune {finetune}: use extractor one of "
                          f"{EXTRACTORS}, init one of {INITS}; the input extractor has nothing to train or init")
     finetune = finetune or init == "scratch"  # a network from random weights must be trained
-    dev = dist_utils.init_from_env(resolve_device(device))
     model = PretrainedModel(pretrained)
     pmeta = model.meta
+    # refused up front, not as a ValueError of the feature extractor or after the BPR maps: --t, then -f
+    model.check_timesteps(timesteps)
+    train_ids, val_ids = fold_split(dataset, fold)
+    fold = parse_fold(fold)  # as folder names write it: "01" trains fold_1
+    dev = dist_utils.init_from_env(resolve_device(device))
     if init == "scratch":
         from diffprobe.pretraining.baseline import standard_init_denoiser
 
@@ -171,8 +185,6 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
         denoiser = model.load_denoiser(dev)
     refs, plans, data_dir = dataset_volumes(dataset, model, dev)
     cfg = probe_config(overrides, plans)
-    labelled = labelled_ids(data_dir, [r.identifier for r in refs])
-    train_ids, val_ids = fold_cases(data_dir.parent, labelled, str(fold))
     if train_cases is not None:
         unknown = sorted(set(train_cases) - set(train_ids))
         if unknown or not train_cases:

@@ -48,7 +48,9 @@ class SweepConfig:
     pretrain_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fold", str(self.fold))
+        from diffprobe.probe.splits import parse_fold
+
+        object.__setattr__(self, "fold", parse_fold(self.fold))  # "-1" is no fold (not "the last one")
         object.__setattr__(self, "probe_overrides", MappingProxyType(dict(self.probe_overrides or {})))
         object.__setattr__(self, "pretrain_overrides", MappingProxyType(dict(self.pretrain_overrides or {})))
 
@@ -122,13 +124,12 @@ def model_meta(name: str) -> dict:
     return model.meta
 
 
-def check_timesteps(timesteps: list[int], meta: dict, name: str) -> None:
-    """Every timestep must lie in the schedule the pretrained model ``name`` was trained with."""
-    T = int(meta["plans"]["diffusion"]["num_timesteps"])
-    bad = [t for t in timesteps if not 0 <= int(t) < T]
-    if bad:
-        raise DiffprobeError(f"timestep(s) {', '.join(map(str, bad))} outside [0, {T}) of the schedule of the "
-                             f"pretrained model '{name}'", fix=f"use timesteps between 0 and {T - 1}")
+def check_timesteps(timesteps: list[int], meta: dict, name: str, option: str = "feature timestep(s)") -> None:
+    """Every timestep must lie in the schedule the pretrained model ``name`` was trained with
+    (the same check and message as ``diffprobe train --t``: :meth:`PretrainedModel.check_timesteps`)."""
+    from diffprobe.pretraining.pretrained_model import PretrainedModel
+
+    PretrainedModel(name).check_timesteps(timesteps, option)
 
 
 def run_probe(config: SweepConfig, pretrained: str, timesteps: list[int] | None, configuration: str
