@@ -24,6 +24,26 @@ def test_hyphenated_alias(name, capsys):
     assert main([name.replace("_", "-"), "--help"]) == 0
 
 
+def test_help_lists_commands_in_pipeline_order(capsys):
+    """`diffprobe --help` shows the pipeline first (plan_and_preprocess ... evaluate), then the tools,
+    not the import order of the command modules (which put tune_timesteps first)."""
+    from diffprobe.cli.app import COMMAND_ORDER, app
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    # a command's row starts right after the box border; its wrapped help lines are indented
+    rows = [line[2:].split(" ")[0] for line in out.splitlines() if line.startswith("│ ") and line[2:3] != " "]
+    shown = [name for name in rows if name in COMMAND_ORDER]
+    assert shown == list(COMMAND_ORDER)
+    assert shown[:5] == ["plan_and_preprocess", "pretrain", "train", "predict", "evaluate"]
+    # every visible command is placed on purpose: a new one must be added to COMMAND_ORDER
+    import typer
+
+    group = typer.main.get_command(app)
+    visible = [n for n, c in group.commands.items() if not c.hidden]
+    assert sorted(visible) == sorted(COMMAND_ORDER)
+
+
 def test_expand_multi_value_options():
     assert expand_multi_value_options(["plan_and_preprocess", "-d", "1", "2", "003", "-np", "4"]) == [
         "plan_and_preprocess", "-d", "1", "-d", "2", "-d", "003", "-np", "4"]

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 try:  # typer >= 0.20 vendors click; its exceptions live in typer._click
     from typer._click.exceptions import ClickException
@@ -16,8 +17,26 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from diffprobe.errors import DiffprobeError
 
+# `diffprobe --help` lists the commands in pipeline order, then the tools around it. Why a list:
+# registration order is the import order of the command modules, which is no order for a reader.
+COMMAND_ORDER = ("plan_and_preprocess", "pretrain", "train", "predict", "evaluate",
+                 "demo", "make_phantoms", "features", "sample", "ablate", "tune_timesteps",
+                 "export_model", "install_model")
+
+
+class PipelineOrderGroup(TyperGroup):
+    """The top-level group: commands of :data:`COMMAND_ORDER` in that order, any other after them
+    (in registration order; hidden spellings such as ``plan-and-preprocess`` are not shown)."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda n: rank.get(n, len(rank)))  # stable: unknown ones keep their order
+
+
 app = typer.Typer(
     name="diffprobe",
+    cls=PipelineOrderGroup,
     help="3D CT segmentation from diffusion-pretrained features, configured automatically (nnU-Net style).",
     no_args_is_help=True,
     add_completion=False,
