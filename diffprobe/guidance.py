@@ -15,8 +15,8 @@ For every mode the patch at ``start`` equals the whole-volume guidance cropped a
 * ``none``: no channels.
 * ``random``: a fixed uniform(-1, 1) field on the voxel grid, a hash of (seed, channel, z, y, x)
   (splitmix64), the same for every case — a control that carries no anatomy.
-* ``physical``: scanner mm (channels LR, AP, CC) from the centre of the preprocessed (cropped)
-  volume, / ``PHYSICAL_SCALE_MM``.
+* ``physical``: mm (channels LR, AP, CC) from the centre of the body crop (the preprocessed,
+  cropped volume), / ``PHYSICAL_SCALE_MM``; not scanner coordinates: the origin moves with the crop.
 * ``bpr``: the trained body part regressor's coordinates of the whole volume, stored as float16
   (the BPR map cache read per patch, ``diffprobe.pretraining.bpr_maps``); predict rounds its
   freshly computed map to float16 too, so both see the same values.
@@ -33,7 +33,7 @@ import torch
 from diffprobe.preprocessing.storage import open_array
 from diffprobe.preprocessing.volumes import VolumeRef, read_region
 
-PHYSICAL_SCALE_MM = 200.0  # physical guidance: mm from the scan centre / this
+PHYSICAL_SCALE_MM = 200.0  # physical guidance: mm from the body-crop centre / this
 RANDOM_GUIDANCE_SEED = 0x5EED  # the random guidance field's one seed
 _SLAB_VOXELS = 1 << 22  # random field: voxels hashed at a time (bounds the uint64 temporaries)
 
@@ -93,7 +93,8 @@ class PhysicalGuidance(_FieldGuidance):
     scale_mm: float = PHYSICAL_SCALE_MM
 
     def field(self, shape, spacing, start, size):
-        """Scanner-mm coordinates (channels x, y, z: LR, AP, CC) relative to the volume centre / scale."""
+        """mm (channels x, y, z: LR, AP, CC) from the centre of the body crop (the preprocessed volume) / scale;
+        not scanner coordinates."""
         centre = (np.array(shape) - 1) / 2
         out = np.empty((3, *(int(s) for s in size)), np.float32)
         for channel, axis in enumerate((2, 1, 0)):  # channel 0 varies along x, 1 along y, 2 along z

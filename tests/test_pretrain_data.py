@@ -32,7 +32,7 @@ def test_bpr_guidance_requires_maps(refs):
         PatchBatches(refs, PATCH, 2, guidance="bpr")
 
 
-def test_physical_guidance_is_monotone_scanner_mm(refs):
+def test_physical_guidance_is_monotone_crop_mm(refs):
     pb = PatchBatches(refs, PATCH, 1, guidance="physical", augment=False)
     g = pb.batch(0)["guidance"][0].numpy()
     assert np.all(np.diff(g[0], axis=2) > 0)  # LR channel increases along x

@@ -14,7 +14,8 @@ def pretrain_cmd(
                                              help="preprocessed dataset id(s); default: every preprocessed dataset"),
     name: str = typer.Option("default", "--name", "-m", help="name of the pretrained model (results/pretrained/NAME)"),
     stage: str = typer.Option("all", "--stage", help="bpr, diffusion or all"),
-    guidance: str = typer.Option("bpr", "--guidance", help="bpr, none, random or physical"),
+    guidance: str = typer.Option("bpr", "--guidance", help="bpr, none, random or physical (mm from the centre of "
+                                 "the body crop, not scanner coordinates)"),
     attention: str = typer.Option("planned", "--attention", help="planned (per plans) or none (pure convolution)"),
     device: str = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda or cuda:N"),
     resume: bool = typer.Option(False, "--c", "--continue", help="resume from checkpoint_latest (may extend steps)"),

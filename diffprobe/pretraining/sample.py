@@ -1,8 +1,8 @@
 """``diffprobe sample``: draw patches by the reverse process next to real patches.
 
 The visible proof that the denoiser learned CT. Guidance for each sample is taken from a
-real patch (its BPR / physical coordinates), so each generated patch should look like
-anatomy from the same body position as the real patch beside it.
+real patch (its BPR coordinates / physical mm from the body-crop centre), so each generated
+patch should look like anatomy from the same body position as the real patch beside it.
 """
 
 from __future__ import annotations

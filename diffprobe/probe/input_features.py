@@ -1,11 +1,12 @@
 """The "no backbone" control: the probe head on the input itself (image ⊕ guidance), no denoiser.
 
 Why: a probe's Dice mixes what the features carry with what the head and the input already
-give. On CT, intensity alone separates several organs and the guidance channels (BPR or
-physical coordinates) tell where along the body a voxel lies, so a pointwise head on just
-those can score well. This module gives the same head that input, average-pooled to exactly
-the scales (strides) the denoiser's decoder taps have, so the head class, its width and its
-training are the same as for the real probe and only the features differ.
+give. On CT, intensity alone separates several organs and the guidance channels (BPR
+coordinates, or physical: mm from the body-crop centre) tell where along the body a voxel
+lies, so a pointwise head on just those can score well. This module gives the same head that
+input, average-pooled to exactly the scales (strides) the denoiser's decoder taps have, so the
+head class, its width and its training are the same as for the real probe and only the
+features differ.
 
 It has :class:`~diffprobe.probe.features.FeatureExtractor`'s interface (``feature_channels``,
 ``feature_strides``, ``levels``, ``signature``, ``network_summary``, ``forward(x0, guidance,
