@@ -102,11 +102,11 @@ def probe_and_volume(use_trained_probe_roots):
 def test_settings_keep_the_logits(probe_and_volume, settings):
     """Memory format and tile batch agree to float rounding; bf16 to bf16 rounding (argmax near-ties aside)."""
     folder, volume = probe_and_volume
-    reference = predict_logits([load_trained_probe(folder)], volume, "v", [2.0, 1.0, 1.0], torch.device("cpu"),
+    reference = predict_logits([load_trained_probe(folder)], volume, [2.0, 1.0, 1.0], torch.device("cpu"),
                                settings=InferenceSettings(channels_last=True))
     probe = load_trained_probe(folder)
     predictor.prepare_model(probe.model, settings)
-    logits = predict_logits([probe], volume, "v", [2.0, 1.0, 1.0], torch.device("cpu"), settings=settings)
+    logits = predict_logits([probe], volume, [2.0, 1.0, 1.0], torch.device("cpu"), settings=settings)
     tol = 0.1 if settings.precision == "bf16" else 1e-4
     scale = reference.abs().max().item()
     assert (logits - reference).abs().max().item() <= tol * max(scale, 1.0)

@@ -24,7 +24,7 @@ from diffprobe.predict.acceleration import InferenceSettings
 from diffprobe.predict.memory import estimate_for_input
 from diffprobe.predict.predictor import Predictor, group_probes, predict, predict_logits
 from diffprobe.predict.sliding_window import sliding_window_logits, window_starts
-from diffprobe.probe.features import FeatureExtractor, patch_seed
+from diffprobe.probe.features import FeatureExtractor, inference_seed
 from diffprobe.probe.head import build_head
 from diffprobe.probe.model import ProbeModel, TrainedProbe, load_trained_probe, probe_dir
 from diffprobe.training.checkpoint import load_checkpoint, save_checkpoint
@@ -101,13 +101,13 @@ def test_shared_logits_equal_the_mean_of_each_folds_window(two_folds):
     windows = []
     for probe in probes:  # the old path: each fold's own window, then the mean
         def predict_patch(tiles, gtiles, starts, probe=probe):
-            return probe.model(tiles, gtiles, [patch_seed(ident, s) for s in starts])
+            return probe.model(tiles, gtiles, [inference_seed(s) for s in starts])
 
         windows.append(sliding_window_logits(torch.from_numpy(volume), guidance, predict_patch, probe.num_classes,
                                              probe.patch_size, batch_size=2))
     reference = torch.stack(windows).mean(0)
     assert len(group_probes(probes)) == 1
-    logits = predict_logits(probes, volume, ident, spacing, dev, settings=InferenceSettings(channels_last=False))
+    logits = predict_logits(probes, volume, spacing, dev, settings=InferenceSettings(channels_last=False))
     assert (logits - reference).abs().max().item() <= 1e-5 * max(reference.abs().max().item(), 1.0)
     assert torch.equal(logits.argmax(0), reference.argmax(0))
     assert not torch.equal(windows[0].argmax(0), windows[1].argmax(0))  # the folds do disagree somewhere
@@ -135,11 +135,11 @@ def test_grouping_shares_only_identical_features():
     assert len(group_probes([a, _tiny_probe(0, pretrained="q")])) == 2
     # Predictor owns its probes: one denoiser module per group, and the logits are the heads' mean.
     volume = np.random.default_rng(1).uniform(-1, 1, size=(1, 6, 12, 10)).astype(np.float32)
-    reference = torch.stack([predict_logits([p], volume, "v", [1.0] * 3, torch.device("cpu"))
+    reference = torch.stack([predict_logits([p], volume, [1.0] * 3, torch.device("cpu"))
                              for p in (a, b)]).mean(0)
     owned = Predictor([a, b], "cpu", InferenceSettings(channels_last=False))
     assert a.model.extractor is b.model.extractor
-    torch.testing.assert_close(owned.logits(volume, "v", spacing=[1.0] * 3), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(owned.logits(volume, spacing=[1.0] * 3), reference, rtol=1e-5, atol=1e-5)
 
 
 # ---- the RAM bound sees the settings -----------------------------------------------------------

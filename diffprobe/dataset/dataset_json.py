@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from diffprobe.errors import DiffprobeError
-from diffprobe.io.image_io import SUPPORTED_ENDINGS
+from diffprobe.io.image_io import MAX_LABEL_ID, SUPPORTED_ENDINGS
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 
@@ -96,6 +96,10 @@ def load_dataset_json(folder: str | Path) -> DatasetInfo:
         raise DiffprobeError("labels have no background (0)", path, 'add "background": 0')
     if len(set(labels.values())) != len(labels):
         raise DiffprobeError("two labels share one id", path, "give each class its own id")
+    if max(labels.values()) > MAX_LABEL_ID:  # label maps are uint8/uint16: a larger id would wrap
+        raise DiffprobeError(f"label id {max(labels.values())} is above {MAX_LABEL_ID}, the largest a uint16 "
+                             "label map holds", path, f"renumber the classes to ids 0..{MAX_LABEL_ID} "
+                             "(dataset.json and the label files)")
     ending = raw["file_ending"]
     if not isinstance(ending, str) or ending not in SUPPORTED_ENDINGS:
         raise DiffprobeError(f"file_ending {ending!r} is not supported", path,

@@ -213,11 +213,26 @@ def read_label(path: str | Path) -> Volume:
             )
     if array.size and array.min() < 0:
         raise DiffprobeError("label map holds negative values", path, "use ids 0..N as in dataset.json")
-    if array.size and array.max() > 255:
-        array = array.astype(np.uint16)
-    else:
-        array = array.astype(np.uint8)
-    return Volume(array, geometry_of(img))
+    top = int(array.max()) if array.size else 0
+    if top > MAX_LABEL_ID:
+        raise DiffprobeError(f"label map holds id {top}, above {MAX_LABEL_ID} (uint16)", path,
+                             f"renumber the classes to ids 0..{MAX_LABEL_ID} here and in dataset.json")
+    return Volume(array.astype(label_dtype(top), copy=False), geometry_of(img))
+
+
+MAX_LABEL_ID = 65535  # label maps are stored as uint8 or uint16: a larger id would wrap silently
+
+
+def label_dtype(max_id: int) -> type[np.unsignedinteger]:
+    """The narrowest storage type for label ids up to ``max_id``: uint8 up to 255, else uint16.
+
+    One rule for preprocessed storage, predicted label maps and evaluation, so an id never wraps
+    (300 stored as uint8 would read back as 44). Ids above ``MAX_LABEL_ID`` are refused (ValueError);
+    dataset.json and label files are checked before any array gets here.
+    """
+    if not 0 <= int(max_id) <= MAX_LABEL_ID:
+        raise ValueError(f"label id {max_id} does not fit in uint16")
+    return np.uint8 if int(max_id) <= 255 else np.uint16
 
 
 def to_sitk(array_zyx: np.ndarray, geometry: Geometry) -> sitk.Image:

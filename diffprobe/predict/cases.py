@@ -1,4 +1,17 @@
-"""One case through predict: read and preprocess it, the label map, and back to its raw geometry.
+"""One case through predict: read and preprocess it, its probabilities, and back to its raw geometry.
+
+The way back follows nnU-Net (``convert_predicted_logits_to_segmentation_with_correct_shape``):
+the softmax probabilities on the planned grid are resampled *linearly* (order 1, the same
+resampling as nnU-Net's ``resampling_fn_probabilities``) onto the cropped raw grid, and the label
+map is their argmax there; then the crop and the canonical orientation are undone. Linear
+interpolation is a convex combination, so resampled probabilities stay in [0, 1] and keep summing
+to 1 (cubic interpolation overshoots and breaks both). The argmax is taken of the float16 values
+that ``--save_probabilities`` writes, so the saved label map *is* the argmax of the saved
+probabilities, voxel for voxel; the label map is computed the same way without
+``--save_probabilities``, so asking for probabilities never changes the segmentation.
+
+Classes are resampled one at a time with a running maximum: at most one full-resolution class
+plane exists at once unless probabilities are saved.
 
 These steps need only the probes' probe.json (plans, labels); they run in threads next to the
 sliding window (``Predictor.predict_folder``).
@@ -14,10 +27,13 @@ import numpy as np
 import torch
 
 from diffprobe.dataset.cases import Case
-from diffprobe.io.image_io import write_image
-from diffprobe.preprocessing.preprocess import preprocess_input, revert_to_original
+from diffprobe.io.geometry import Geometry
+from diffprobe.io.image_io import label_dtype, write_image
+from diffprobe.preprocessing.preprocess import preprocess_input, resample_to_cropped, uncrop_to_original
 from diffprobe.probe.model import TrainedProbe
 from diffprobe.utils import atomic_path
+
+PROBABILITY_DTYPE = np.float16  # what the .npz holds; the label map is the argmax of exactly these values
 
 
 def add_time(timings: dict[str, float] | None, key: str, started: float) -> None:
@@ -25,16 +41,13 @@ def add_time(timings: dict[str, float] | None, key: str, started: float) -> None
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
 
 
-def label_map(logits: torch.Tensor, slab: int = 16) -> np.ndarray:
-    """``argmax`` over classes as uint8, slab by slab along z.
-
-    ``logits.argmax(0)`` on a whole CT would allocate an int64 volume (8 bytes a voxel, ~0.6 GB for
-    75 M voxels) only to narrow it to uint8; slabs keep that transient at ``slab`` slices.
-    """
-    out = np.empty(logits.shape[1:], dtype=np.uint8)
-    for z in range(0, logits.shape[1], slab):
-        out[z:z + slab] = logits[:, z:z + slab].argmax(0).to(torch.uint8).cpu().numpy()
-    return out
+def softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes (dim 0) in place, in float32: the K x volume logits become the probabilities
+    without a second K x volume buffer (only two volume-sized temporaries: the maximum and the sum)."""
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    logits.sub_(logits.amax(0, keepdim=True)).exp_()
+    return logits.div_(logits.sum(0, keepdim=True))
 
 
 @dataclass
@@ -42,18 +55,19 @@ class LoadedCase:
     """A case read, checked and preprocessed: what the sliding window needs, and what export needs."""
 
     case: Case
-    data: np.ndarray
+    data: np.ndarray | None
     props: dict
 
 
 @dataclass
 class WindowResult:
-    """A case's label map on the planned grid (and its logits when probabilities are saved)."""
+    """A case's softmax probabilities (K, z, y, x) float32 on the CPU, on the planned grid, and whether
+    they are to be saved next to the label map."""
 
     case: Case
-    seg: np.ndarray
+    probabilities: torch.Tensor | None
     props: dict
-    logits: torch.Tensor | None
+    save_probabilities: bool = False
 
 
 def load_case(probes: list[TrainedProbe], case: Case, timings: dict[str, float] | None = None) -> LoadedCase:
@@ -65,21 +79,58 @@ def load_case(probes: list[TrainedProbe], case: Case, timings: dict[str, float] 
     return LoadedCase(case, data, props)
 
 
+def probabilities_resampling(plans_resampling: dict) -> dict:
+    """The plans' resampling with order 1 for images: how probabilities go back (nnU-Net's default)."""
+    return {**plans_resampling, "image_order": 1}
+
+
+def to_raw_grid(probabilities: torch.Tensor, props: dict, resampling: dict,
+                keep: bool) -> tuple[np.ndarray, Geometry, np.ndarray | None]:
+    """Label map (and, with ``keep``, probabilities) on the raw file's grid from planned-grid probabilities.
+
+    Returns ``(labels, geometry, probs)``: ``labels`` in the narrowest dtype that holds every class id
+    (uint8, or uint16 past 255: never wrapped), ``probs`` (K, z, y, x) float16 or None. Outside the
+    body crop the probabilities are one-hot background and the label is 0.
+    """
+    num_classes = probabilities.shape[0]
+    order = probabilities_resampling(resampling)
+    best = labels = kept = None
+    for k in range(num_classes):
+        plane = resample_to_cropped(probabilities[k].numpy(), props, is_seg=False, resampling=order)
+        # Clip: float rounding only (order 1 never overshoots); in place, as the class plane is used once.
+        plane = np.clip(plane, 0.0, 1.0, out=plane).astype(PROBABILITY_DTYPE)
+        if best is None:
+            best, labels = plane.copy(), np.zeros(plane.shape, label_dtype(num_classes - 1))
+        else:
+            better = plane > best  # strict: ties keep the lower class, as np.argmax does
+            labels[better] = k
+            np.maximum(best, plane, out=best)
+            del better
+        if keep:
+            full, _ = uncrop_to_original(plane, props, fill_value=float(k == 0))
+            if kept is None:
+                kept = np.empty((num_classes, *full.shape), PROBABILITY_DTYPE)
+            kept[k] = full
+            del full
+        del plane
+    del best
+    labels_raw, geometry = uncrop_to_original(labels, props, fill_value=0)
+    return np.ascontiguousarray(labels_raw), geometry, kept
+
+
 def export_case(probes: list[TrainedProbe], result: WindowResult, out_path: Path,
                 timings: dict[str, float] | None = None) -> Path:
     """Label map (and probabilities) back to the input's raw geometry, written atomically (runs in a thread)."""
     started = time.perf_counter()
     resampling = probes[0].meta["plans"]["preprocessing"]["resampling"]
-    seg_raw, geometry = revert_to_original(result.seg, result.props, is_seg=True, resampling=resampling)
-    if result.logits is not None:
-        probs = torch.softmax(result.logits.float(), 0).cpu().numpy()
-        result.logits = None
-        raw = [revert_to_original(p, result.props, is_seg=False, fill_value=float(k == 0),
-                                  resampling=resampling)[0] for k, p in enumerate(probs)]
-        del probs
+    probabilities, result.probabilities = result.probabilities, None  # the result no longer pins them
+    labels, geometry, kept = to_raw_grid(probabilities, result.props, resampling, result.save_probabilities)
+    del probabilities
+    if kept is not None:
         npz = out_path.parent / f"{result.case.identifier}.npz"
         with atomic_path(npz, ".npz") as tmp:
-            np.savez_compressed(tmp, probabilities=np.stack(raw).astype(np.float16))
-    write_image(seg_raw.astype(np.uint8), geometry, out_path)
+            np.savez_compressed(tmp, probabilities=kept)
+        del kept
+    write_image(labels, geometry, out_path)
     add_time(timings, "export_s", started)
     return out_path

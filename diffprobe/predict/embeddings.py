@@ -28,7 +28,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.guidance import volume_guidance
 from diffprobe.preprocessing.preprocess import preprocess_input
 from diffprobe.pretraining.pretrained_model import PretrainedModel
-from diffprobe.probe.features import FeatureExtractor, patch_seed
+from diffprobe.probe.features import FeatureExtractor, inference_seed
 from diffprobe.utils import atomic_path
 
 
@@ -71,7 +71,7 @@ def volume_features(extractor: FeatureExtractor, data: np.ndarray, guidance: tor
         region = tuple(slice(s, s + p) for s, p in zip(start, patch))
         x0 = torch.from_numpy(volume[(slice(None),) + region][None]).to(device)
         g = guide[(slice(None),) + region][None].to(device) if guide is not None else None
-        feats = extractor(x0, g, [patch_seed("features", start)])
+        feats = extractor(x0, g, [inference_seed(start)])
         for key, f in feats.items():
             st = strides[key]
             if key not in sums:

@@ -1,7 +1,7 @@
 """Fold heads that share one feature extraction: which probes can, and the per-tile predictor that does.
 
 Fold heads trained on one frozen denoiser see exactly the same features for a tile (the denoiser's
-input noise is seeded by the case and the tile position, never by the fold), so ``predict -f 0 1 2 3 4``
+input noise is seeded by the tile position alone, never by the fold or the case's name), so ``predict -f 0 1 2 3 4``
 runs the denoiser once per tile and applies the five heads to its features; the heads' logits are
 averaged per tile, which equals averaging the folds' Gaussian-weighted windows to float rounding
 (the weighting is linear).
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from diffprobe.predict.acceleration import InferenceSettings, autocast, memory_format
-from diffprobe.probe.features import patch_seed
+from diffprobe.probe.features import inference_seed
 from diffprobe.probe.model import TrainedProbe
 
 
@@ -24,7 +24,7 @@ class ProbeGroup:
 
     Fold heads trained on the same frozen denoiser (same pretrained model and checksum, not
     finetuned) with the same timesteps, levels, noise schedule and patch size see exactly the same
-    features: the denoiser's input noise is seeded by the case and the tile position, never by the
+    features: the denoiser's input noise is seeded by the tile position alone, never by the
     fold. A finetuned probe carries its own denoiser and is a group of its own.
     """
 
@@ -65,14 +65,18 @@ def group_probes(probes: list[TrainedProbe], share: bool = True) -> list[ProbeGr
     return groups
 
 
-def group_patch_predictor(group: ProbeGroup, identifier: str, device: torch.device, settings: InferenceSettings):
-    """``predict_patch`` for the sliding window: the group's mean head logits of a batch of tiles."""
+def group_patch_predictor(group: ProbeGroup, device: torch.device, settings: InferenceSettings):
+    """``predict_patch`` for the sliding window: the group's mean head logits of a batch of tiles.
+
+    Each tile's feature noise is seeded by its start alone (:func:`inference_seed`): the same pixels
+    give the same logits whatever the case is called.
+    """
     fmt = memory_format(settings)
 
     def predict_patch(tiles, gtiles, starts):
         tiles = tiles.contiguous(memory_format=fmt)
         gtiles = gtiles.contiguous(memory_format=fmt) if gtiles is not None else None
-        seeds = [patch_seed(identifier, s) for s in starts]
+        seeds = [inference_seed(s) for s in starts]
         with autocast(device, settings):
             if len(group.probes) == 1:
                 return group.first.model(tiles, gtiles, seeds).float()

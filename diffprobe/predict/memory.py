@@ -15,9 +15,10 @@ guidance channels; bytes):
   (``tile_batch`` tiles x the feature timesteps; bf16 activations count half), bounded by the
   planner's per-sample training-activation estimate (inference keeps fewer tensors alive, so this
   over-states it).
-* **back to the raw grid** — the uint8 label map resampled slice by slice, un-cropped,
-  re-oriented and handed to SimpleITK: ~``WRITE_BYTES_PER_RAW_VOXEL * N``; with
-  ``--save_probabilities`` also K float32 planes on the planned grid and K float16 on the raw grid.
+* **back to the raw grid** — the K float32 softmax planes on the planned grid (4 K M), each
+  resampled linearly in turn with a running float16 maximum and the label map (its argmax),
+  un-cropped, re-oriented and handed to SimpleITK: ~``WRITE_BYTES_PER_RAW_VOXEL * N + 4 K M``; with
+  ``--save_probabilities`` also K float16 planes on the raw grid and one being un-cropped.
 
 The bound is the largest phase plus the process's fixed cost (Python, torch, the models).
 The coefficients were measured on a 512x512x600 CT (``benchmarks/bench_memory.py``,
@@ -37,7 +38,10 @@ from diffprobe.guidance import guidance_channels
 
 FIXED_BYTES = 0.8e9  # interpreter, torch, nnU-Net imports, BPR + denoiser + head (tiny..paper presets)
 READ_BYTES_PER_RAW_VOXEL = 14.0  # pixels + float32 copy + canonical copy + mask + crop, + integrity re-read
-WRITE_BYTES_PER_RAW_VOXEL = 6.0  # label map on the raw grid, un-cropped, re-oriented, SimpleITK's copy
+# label map on the raw grid, un-cropped, re-oriented, SimpleITK's copy (6, measured), plus one class plane
+# resampled in float32, its float16 copy and the running maximum (+4: 2.7 -> 6.0 B a voxel measured for
+# the label-map vs the probability path on an anisotropic 60x256x256 case, cases.to_raw_grid)
+WRITE_BYTES_PER_RAW_VOXEL = 10.0
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,9 @@ def estimate_predict_bytes(raw_shape: tuple[int, ...], raw_spacing: tuple[float,
     k = int(num_classes)
     read = READ_BYTES_PER_RAW_VOXEL * n + 8.0 * m
     window = 4.0 * m * (2 + guidance_channels + k * (2 if num_probes > 1 else 1)) + network_bytes
-    write = WRITE_BYTES_PER_RAW_VOXEL * n
-    if save_probabilities:  # logits kept + their softmax on the grid; K float16 planes + one float32 on raw
-        write += 8.0 * k * m + 2.0 * k * n + 4.0 * n
+    write = WRITE_BYTES_PER_RAW_VOXEL * n + 4.0 * k * m  # the softmax planes wait for the way back
+    if save_probabilities:  # K float16 planes on the raw grid + the one being un-cropped
+        write += 2.0 * k * n + 2.0 * n
     return MemoryEstimate(n, m, read, window, write)
 
 

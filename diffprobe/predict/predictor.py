@@ -4,10 +4,14 @@ Per case: integrity check and canonical orientation, preprocessing as planned (c
 resample, normalise), the guidance channels once per volume (BPR coordinates computed on
 the whole volume, then cropped per tile by the sliding window), Gaussian-weighted sliding
 window of the probe(s) with logits accumulated on the device (per-tile features are never
-kept), folds averaged, argmax on the preprocessed grid, then resampling of the *label map*
-(nnU-Net's one-hot linear label resampling, so no full-resolution multi-class logits are
-ever resampled on the CPU), crop undone and canonical orientation undone. Outputs are
-written atomically, so ``--continue_prediction`` can trust every file it finds.
+kept), folds averaged, softmax on the preprocessed grid, then (``cases.to_raw_grid``, as
+nnU-Net) the probabilities resampled linearly, one class at a time, with the label map their
+argmax, crop undone and canonical orientation undone. Outputs are written atomically, so
+``--continue_prediction`` can trust every file it finds.
+
+The segmentation is a function of the pixels (and the model) only: the features' noise is
+seeded by the tile position (``probe.features.inference_seed``), never by the case's name, so
+renaming, moving, reordering or splitting the inputs (``-num_parts``) changes no voxel.
 
 ``Predictor`` holds the loaded folds: fold heads on one frozen denoiser share one feature
 extraction per tile (``-f 0 1 2 3 4`` costs about one fold's denoiser work, not five) and their
@@ -30,7 +34,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.guidance import volume_guidance as guidance_of_volume
 from diffprobe.parallel import progress_bar
 from diffprobe.predict.acceleration import InferenceSettings, prepare_head, prepare_model
-from diffprobe.predict.cases import LoadedCase, WindowResult, export_case, label_map, load_case  # noqa: F401
+from diffprobe.predict.cases import LoadedCase, WindowResult, export_case, load_case, softmax_  # noqa: F401
 from diffprobe.predict.cases import add_time as _add
 from diffprobe.predict.ensemble import ProbeGroup, group_patch_predictor, group_probes, share_key  # noqa: F401
 from diffprobe.predict.inputs import input_cases, output_name, select_model, trained_configurations  # noqa: F401
@@ -40,18 +44,23 @@ from diffprobe.probe.model import TrainedProbe, load_trained_probe
 
 
 # ---- the prediction itself ------------------------------------------------------------------
+def _guidance(probe: TrainedProbe, data: np.ndarray, spacing: list[float], device: torch.device) -> torch.Tensor | None:
+    """Guidance channels (G, z, y, x) for the whole preprocessed volume, as in training (``diffprobe.guidance``)."""
+    guide = guidance_of_volume(probe.meta["guidance"], data, spacing, probe.bpr, probe.bpr_crop)
+    return None if guide is None else guide.to(device)
+
+
 def volume_guidance(probe: TrainedProbe, data: np.ndarray, identifier: str,
                     spacing: list[float], device: torch.device) -> torch.Tensor | None:
     """Guidance channels (G, z, y, x) for the whole preprocessed volume, as in training (``diffprobe.guidance``).
 
     ``identifier`` is not used: no guidance mode depends on the case's name.
     """
-    guide = guidance_of_volume(probe.meta["guidance"], data, spacing, probe.bpr, probe.bpr_crop)
-    return None if guide is None else guide.to(device)
+    return _guidance(probe, data, spacing, device)
 
 
 @torch.no_grad()
-def _ensemble_logits(groups: list[ProbeGroup], data: np.ndarray, identifier: str, spacing: list[float],
+def _ensemble_logits(groups: list[ProbeGroup], data: np.ndarray, spacing: list[float],
                      device: torch.device, step_size: float, tta: bool, progress,
                      settings: InferenceSettings, timings: dict[str, float] | None) -> torch.Tensor:
     """Mean logits over every probe of ``groups``: one sliding window per group, weighted by its size."""
@@ -64,11 +73,11 @@ def _ensemble_logits(groups: list[ProbeGroup], data: np.ndarray, identifier: str
         key = probe.meta["pretrained"]
         if key not in guidance_cache:
             started = time.perf_counter()
-            guidance_cache[key] = volume_guidance(probe, data, identifier, spacing, device)
+            guidance_cache[key] = _guidance(probe, data, spacing, device)
             _add(timings, "guidance_s", started)
         started = time.perf_counter()
         logits = sliding_window_logits(
-            volume, guidance_cache[key], group_patch_predictor(group, identifier, device, settings), probe.num_classes,
+            volume, guidance_cache[key], group_patch_predictor(group, device, settings), probe.num_classes,
             probe.patch_size, step_size=step_size, batch_size=settings.tile_batch,
             mirror_axes=(0, 1, 2) if tta else (), device=device,
             accumulate_dtype=torch.float16 if device.type == "cuda" else torch.float32, progress=progress)
@@ -83,7 +92,7 @@ def _ensemble_logits(groups: list[ProbeGroup], data: np.ndarray, identifier: str
 
 
 @torch.no_grad()
-def predict_logits(probes: list[TrainedProbe], data: np.ndarray, identifier: str, spacing: list[float],
+def predict_logits(probes: list[TrainedProbe], data: np.ndarray, spacing: list[float],
                    device: torch.device, step_size: float = 0.5, tta: bool = False,
                    progress=None, settings: InferenceSettings | None = None,
                    timings: dict[str, float] | None = None) -> torch.Tensor:
@@ -92,16 +101,17 @@ def predict_logits(probes: list[TrainedProbe], data: np.ndarray, identifier: str
     ``settings`` choose memory format, precision, tile batch and whether fold heads on one frozen
     denoiser share their feature extraction (``prepare_model`` must have been applied to the probes'
     models for the memory format to pay off; the probes are not modified); ``timings`` collects the
-    seconds spent on the guidance channels and in the window.
+    seconds spent on the guidance channels and in the window. No case name: the result depends on
+    the pixels only (the features' noise is seeded by tile position).
     """
-    return Predictor(probes, device, settings, prepare=False).logits(data, identifier, step_size, tta, progress,
-                                                                    timings, spacing=spacing)
+    return Predictor(probes, device, settings, prepare=False).logits(data, step_size, tta, progress, timings,
+                                                                    spacing=spacing)
 
 
 def window_case(probes: list[TrainedProbe], loaded: LoadedCase, device: torch.device, step_size: float = 0.5,
                 tta: bool = False, save_probabilities: bool = False, progress=None,
                 settings: InferenceSettings | None = None, timings: dict[str, float] | None = None) -> WindowResult:
-    """Sliding window, fold ensemble and argmax on the planned grid; frees the preprocessed volume."""
+    """Sliding window, fold ensemble and softmax on the planned grid; frees the preprocessed volume."""
     return Predictor(probes, device, settings, prepare=False).window_case(loaded, step_size, tta, save_probabilities,
                                                                          progress, timings)
 
@@ -219,26 +229,28 @@ class Predictor:
         """Read, integrity-check and preprocess one input (no torch work: may run in a thread)."""
         return load_case(self.probes, case, timings)
 
-    def logits(self, data: np.ndarray, identifier: str, step_size: float = 0.5, tta: bool = False, progress=None,
+    def logits(self, data: np.ndarray, step_size: float = 0.5, tta: bool = False, progress=None,
                timings: dict[str, float] | None = None, spacing: list[float] | None = None) -> torch.Tensor:
         """Mean logits (K, z, y, x) of every probe on a preprocessed volume (``spacing``: the planned one)."""
         spacing = spacing if spacing is not None else self.meta["plans"]["preprocessing"]["target_spacing"]
-        return _ensemble_logits(self.groups, data, identifier, spacing, self.device, step_size, tta, progress,
+        return _ensemble_logits(self.groups, data, spacing, self.device, step_size, tta, progress,
                                 self.settings, timings)
 
     def window_case(self, loaded: LoadedCase, step_size: float = 0.5, tta: bool = False,
                     save_probabilities: bool = False, progress=None,
                     timings: dict[str, float] | None = None) -> WindowResult:
-        """Sliding window, fold ensemble and argmax on the planned grid; frees the preprocessed volume."""
-        logits = self.logits(loaded.data, loaded.case.identifier, step_size, tta, progress, timings)
+        """Sliding window, fold ensemble and softmax on the planned grid; frees the preprocessed volume.
+
+        The probabilities (not a label map) go to export: the label map is their argmax after they are
+        resampled to the input's grid (``cases.to_raw_grid``), with or without ``save_probabilities``.
+        """
+        logits = self.logits(loaded.data, step_size, tta, progress, timings)
         loaded.data = None  # the caller's LoadedCase no longer pins the preprocessed volume
         started = time.perf_counter()
-        seg = label_map(logits)
-        _add(timings, "argmax_s", started)
-        if not save_probabilities:
-            del logits  # the label map is all that is resampled back; free K x volume first
-            logits = None
-        return WindowResult(loaded.case, seg, loaded.props, logits)
+        probabilities = softmax_(logits).cpu()  # in place on the device; one K x volume copy to the CPU
+        del logits
+        _add(timings, "argmax_s", started)  # key kept for the benchmarks: now the softmax
+        return WindowResult(loaded.case, probabilities, loaded.props, save_probabilities)
 
     def export_case(self, result: WindowResult, out_path: Path, timings: dict[str, float] | None = None) -> Path:
         """Label map (and probabilities) back to the input's raw geometry, written atomically."""

@@ -45,7 +45,7 @@ def validate_fold(folder: Path, data_dir: Path, case_ids: list[str], device: tor
         task = bar.add_task("validation", total=len(case_ids), visible=show_progress)
         for ident in case_ids:
             data, seg, _ = load_case(data_dir, ident)
-            logits = predict_logits([probe], data, ident, spacing, torch.device(device))
+            logits = predict_logits([probe], data, spacing, torch.device(device))
             pred = logits.argmax(0).cpu().numpy()
             per_case.append(case_metrics(seg, pred, sorted(labels), spacing, TOLERANCE_MM))
             bar.advance(task)

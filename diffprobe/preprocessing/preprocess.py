@@ -108,26 +108,46 @@ def preprocess_case(case: Case, info: DatasetInfo, plans: dict) -> tuple[np.ndar
     return preprocess_checked(checked, info, plans)
 
 
+DEFAULT_RESAMPLING = {"image_order": 3, "label_order": 1, "order_z": 0, "anisotropy_threshold": 3.0}
+
+
+def resample_to_cropped(array_zyx: np.ndarray, props: dict, is_seg: bool,
+                        resampling: dict | None = None) -> np.ndarray:
+    """Undo the resampling only: an array on the preprocessed grid onto the cropped raw grid.
+
+    Separate from :func:`uncrop_to_original` so that predict can take decisions (argmax) on the
+    cropped grid, one class at a time, before paying for the whole uncropped volume.
+    """
+    resampling = resampling or DEFAULT_RESAMPLING
+    cropped_shape = props["shape_after_crop"]
+    if list(array_zyx.shape) == list(cropped_shape):
+        return array_zyx
+    x = array_zyx[None] if is_seg else array_zyx[None].astype(np.float32, copy=False)
+    return _resample(x, cropped_shape, props["target_spacing"], props["spacing_before_resampling"],
+                     resampling, is_seg=is_seg)[0]
+
+
+def uncrop_to_original(cropped_zyx: np.ndarray, props: dict, fill_value: float = 0) -> tuple[np.ndarray, Geometry]:
+    """Undo the crop (``fill_value`` outside) and the canonical reorientation; keeps the dtype.
+
+    Returns the array in the raw file's (z, y, x) layout and the geometry to write it with.
+    """
+    full = np.full(props["shape_before_crop"], fill_value, dtype=cropped_zyx.dtype)
+    full[tuple(slice(lo, hi) for lo, hi in props["bbox"])] = cropped_zyx
+    amap = AxisMap.from_dict(props["axis_map_to_canonical"])
+    return undo_canonical(full, amap), Geometry.from_dict(props["original_geometry"])
+
+
 def revert_to_original(array_zyx: np.ndarray, props: dict, is_seg: bool, fill_value: float = 0,
                        resampling: dict | None = None) -> tuple[np.ndarray, Geometry]:
     """Map an array on the preprocessed grid back onto the raw file's grid.
 
     Undo resampling (to the cropped shape), undo the crop (``fill_value`` outside), undo the
-    canonical reorientation. Returns the array in the raw file's (z, y, x) layout and the
-    geometry to write it with.
+    canonical reorientation. Returns the array in the raw file's (z, y, x) layout (in
+    ``array_zyx``'s dtype) and the geometry to write it with.
     """
-    resampling = resampling or {"image_order": 3, "label_order": 1, "order_z": 0, "anisotropy_threshold": 3.0}
-    cropped_shape = props["shape_after_crop"]
-    x = array_zyx[None]
-    if list(x.shape[1:]) != list(cropped_shape):
-        x = _resample(x.astype(np.float32) if not is_seg else x, cropped_shape, props["target_spacing"],
-                      props["spacing_before_resampling"], resampling, is_seg=is_seg)
-    dtype = array_zyx.dtype
-    full = np.full(props["shape_before_crop"], fill_value, dtype=dtype)
-    sl = tuple(slice(lo, hi) for lo, hi in props["bbox"])
-    full[sl] = x[0].astype(dtype, copy=False)
-    amap = AxisMap.from_dict(props["axis_map_to_canonical"])
-    return undo_canonical(full, amap), Geometry.from_dict(props["original_geometry"])
+    x = resample_to_cropped(array_zyx, props, is_seg, resampling)
+    return uncrop_to_original(x.astype(array_zyx.dtype, copy=False), props, fill_value)
 
 
 def preprocess_input(case: Case, plans: dict, dataset_name: str) -> tuple[np.ndarray, dict]:

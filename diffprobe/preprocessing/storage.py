@@ -1,8 +1,9 @@
 """Preprocessed case storage: blosc2 arrays + a JSON properties file per case.
 
 Layout (like nnU-Net's blosc2 layout, but properties in JSON, never pickle):
-``data/<case>.b2nd`` (C, z, y, x) float32, ``data/<case>_seg.b2nd`` (1, z, y, x) uint8
-for labelled cases, ``data/<case>.json`` properties. The JSON is written last and names
+``data/<case>.b2nd`` (C, z, y, x) float32, ``data/<case>_seg.b2nd`` (1, z, y, x) uint8, or
+uint16 when the case holds a label id above 255 (never narrowed: an id would wrap), for labelled
+cases, ``data/<case>.json`` properties. The JSON is written last and names
 the preprocessing hash: a case counts as finished only when its JSON exists with the
 current hash, so a killed run never leaves a case that a rerun trusts.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import blosc2
 import numpy as np
 
+from diffprobe.io.image_io import label_dtype
 from diffprobe.utils import atomic_path, read_json, write_json
 
 
@@ -67,13 +69,20 @@ def is_finished(folder: Path, identifier: str, preprocessing_hash: str) -> bool:
     return not props.get("labelled") or paths["seg"].is_file()
 
 
+def _seg_dtype(seg: np.ndarray) -> type[np.unsignedinteger]:
+    """uint8 when every id fits, else uint16; refuses what neither holds instead of wrapping."""
+    if seg.size and (not np.issubdtype(seg.dtype, np.integer) or seg.min() < 0):
+        raise ValueError(f"a label map must hold non-negative integer ids, got {seg.dtype}, min {seg.min()}")
+    return label_dtype(int(seg.max()) if seg.size else 0)
+
+
 def save_case(folder: Path, identifier: str, data: np.ndarray, seg: np.ndarray | None, properties: dict,
               patch_size: list[int] | None) -> None:
     paths = case_paths(folder, identifier)
     paths["properties"].unlink(missing_ok=True)  # invalidate first: JSON is the completion marker
     save_array(data.astype(np.float32, copy=False), paths["data"], patch_size)
     if seg is not None:
-        save_array(seg[None].astype(np.uint8, copy=False), paths["seg"], patch_size)
+        save_array(seg[None].astype(_seg_dtype(seg), copy=False), paths["seg"], patch_size)
     else:
         paths["seg"].unlink(missing_ok=True)
     write_json(paths["properties"], properties)

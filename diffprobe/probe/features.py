@@ -5,9 +5,11 @@ denoiser together with the guidance channels; the decoder taps ``dec{l}`` are co
 over timesteps per scale. All timesteps of all patches go through the network in one
 batched forward (``batched=False`` runs one forward per timestep, for the benchmark).
 
-Determinism: eps of a patch is drawn from a CPU generator seeded by the patch seed (case
-identifier and patch position, see :func:`patch_seed`) and the timestep, so the same input
-always gives the same features, on any device, whatever the batch composition.
+Determinism: eps of a patch is drawn from a CPU generator seeded by the patch seed and the
+timestep, so the same input always gives the same features, on any device, whatever the batch
+composition. Training seeds by case identifier and patch position (:func:`patch_seed`: fresh noise
+per case); inference by the tile position alone (:func:`inference_seed`), so a prediction depends
+on the pixels only, never on the file's name, folder or the order of the cases.
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ def patch_seed(identifier: str, start: Sequence[int]) -> int:
     """A 31-bit seed from the case identifier and the patch start (z, y, x) on the preprocessed grid."""
     key = f"{identifier}:{','.join(str(int(s)) for s in start)}"
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+INFERENCE_SEED_KEY = "features"  # the key `diffprobe features` (predict/embeddings.py) seeds its tiles with
+
+
+def inference_seed(start: Sequence[int]) -> int:
+    """The seed of a tile's feature noise at inference: its start (z, y, x) on the preprocessed grid only.
+
+    Not the case name: the same pixels under another name, in another folder or another ``-num_parts``
+    split must give the same segmentation. Not a hash of the pixels either: a one-ulp difference in
+    the preprocessed volume (another platform's resampling) would redraw every tile's noise and move
+    the output far more than the pixels moved.
+    """
+    return patch_seed(INFERENCE_SEED_KEY, start)
 
 
 def patch_noise(shape: Sequence[int], seed: int, timesteps: Sequence[int]) -> Tensor:
