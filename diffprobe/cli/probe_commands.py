@@ -53,6 +53,9 @@ def predict_cmd(
     step_size: float = typer.Option(0.5, "-step_size", "--step_size", help="tile step as a fraction of the patch"),
     tta: bool = typer.Option(False, "--tta", help="mirroring test-time augmentation (8x slower)"),
     save_probabilities: bool = typer.Option(False, "--save_probabilities", help="also write <case>.npz"),
+    output_type: str = typer.Option("nifti", "--output_type",
+                                    help="nifti (label map, default), dicom_seg (DICOM SEG <case>.dcm referencing "
+                                         "the input DICOM series) or both"),
     continue_prediction: bool = typer.Option(False, "--continue_prediction", help="skip cases already written"),
     num_parts: int = typer.Option(1, "-num_parts", "--num_parts", help="split the cases into this many parts"),
     part_id: int = typer.Option(0, "-part_id", "--part_id", help="which part this process predicts"),
@@ -72,5 +75,5 @@ def predict_cmd(
     settings = InferenceSettings(channels_last=channels_last, precision=precision, compile=compile_model,
                                  tile_batch=tile_batch, pipeline=not sequential)
     written = predict(inputs, output, dataset, configuration, folds, device, step_size, tta, save_probabilities,
-                      continue_prediction, num_parts, part_id, settings=settings)
+                      continue_prediction, num_parts, part_id, settings=settings, output_type=output_type)
     console.print(f"[green]wrote[/] {len(written)} segmentation(s) to {output}", highlight=False)

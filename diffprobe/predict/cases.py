@@ -28,7 +28,8 @@ import torch
 
 from diffprobe.dataset.cases import Case
 from diffprobe.io.geometry import Geometry
-from diffprobe.io.image_io import label_dtype, write_image
+from diffprobe.io.image_io import label_dtype
+from diffprobe.predict.outputs import model_description, write_outputs
 from diffprobe.preprocessing.preprocess import preprocess_input, resample_to_cropped, uncrop_to_original
 from diffprobe.probe.model import TrainedProbe
 from diffprobe.utils import atomic_path
@@ -119,8 +120,11 @@ def to_raw_grid(probabilities: torch.Tensor, props: dict, resampling: dict,
 
 
 def export_case(probes: list[TrainedProbe], result: WindowResult, out_path: Path,
-                timings: dict[str, float] | None = None) -> Path:
-    """Label map (and probabilities) back to the input's raw geometry, written atomically (runs in a thread)."""
+                timings: dict[str, float] | None = None, output_type: str = "nifti") -> Path:
+    """Label map (and probabilities) back to the input's raw geometry, written atomically (runs in a thread).
+
+    ``output_type``: label map image, DICOM SEG or both (``diffprobe.predict.outputs``; ``out_path``
+    from its ``output_paths``)."""
     started = time.perf_counter()
     resampling = probes[0].meta["plans"]["preprocessing"]["resampling"]
     probabilities, result.probabilities = result.probabilities, None  # the result no longer pins them
@@ -131,6 +135,7 @@ def export_case(probes: list[TrainedProbe], result: WindowResult, out_path: Path
         with atomic_path(npz, ".npz") as tmp:
             np.savez_compressed(tmp, probabilities=kept)
         del kept
-    write_image(labels, geometry, out_path)
+    write_outputs(labels, geometry, result.case, probes[0].meta["labels"], out_path, output_type,
+                  model_description([p.meta for p in probes]))
     add_time(timings, "export_s", started)
     return out_path

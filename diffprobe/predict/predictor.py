@@ -39,6 +39,7 @@ from diffprobe.predict.cases import add_time as _add
 from diffprobe.predict.ensemble import ProbeGroup, group_patch_predictor, group_probes, share_key  # noqa: F401
 from diffprobe.predict.inputs import input_cases, output_name, select_model, trained_configurations  # noqa: F401
 from diffprobe.predict.memory import MemoryEstimate, available_bytes, estimate_for_input
+from diffprobe.predict.outputs import check_output_type, output_paths
 from diffprobe.predict.sliding_window import sliding_window_logits
 from diffprobe.probe.model import TrainedProbe, load_trained_probe
 
@@ -252,14 +253,15 @@ class Predictor:
         _add(timings, "argmax_s", started)  # key kept for the benchmarks: now the softmax
         return WindowResult(loaded.case, probabilities, loaded.props, save_probabilities)
 
-    def export_case(self, result: WindowResult, out_path: Path, timings: dict[str, float] | None = None) -> Path:
+    def export_case(self, result: WindowResult, out_path: Path, timings: dict[str, float] | None = None,
+                    output_type: str = "nifti") -> Path:
         """Label map (and probabilities) back to the input's raw geometry, written atomically."""
-        return export_case(self.probes, result, out_path, timings)
+        return export_case(self.probes, result, out_path, timings, output_type)
 
     def predict_folder(self, inputs: str | Path, output: str | Path, step_size: float = 0.5, tta: bool = False,
                        save_probabilities: bool = False, continue_prediction: bool = False, num_parts: int = 1,
                        part_id: int = 0, show_progress: bool = True,
-                       timings: list[dict] | None = None) -> list[Path]:
+                       timings: list[dict] | None = None, output_type: str = "nifti") -> list[Path]:
         """Predict every input case (this part of them); returns the written segmentation files.
 
         With ``settings.pipeline`` (default) the next case is read and preprocessed in a thread while the
@@ -269,6 +271,7 @@ class Predictor:
         """
         _check_run_arguments(step_size, num_parts, part_id)
         cases = input_cases(Path(inputs), len(self.meta["plans"]["channel_names"]))[part_id::num_parts]
+        check_output_type(output_type, cases, inputs)  # nifti | dicom_seg | both (diffprobe.predict.outputs)
         output = Path(output)
         try:
             output.mkdir(parents=True, exist_ok=True)
@@ -277,8 +280,9 @@ class Predictor:
                                  "choose a writable output folder with -o") from None
         written, todo = [], []
         for case in cases:
-            out_path = output / output_name(case)
-            done = out_path.is_file() and (not save_probabilities or (output / f"{case.identifier}.npz").is_file())
+            out_path, *others = output_paths(case, output, output_type)
+            done = all(p.is_file() for p in (out_path, *others)) and \
+                (not save_probabilities or (output / f"{case.identifier}.npz").is_file())
             if continue_prediction and done:
                 written.append(out_path)
             else:
@@ -316,9 +320,9 @@ class Predictor:
                     _finish(last_write)  # at most one export in flight: memory stays bounded
                     last_write = None
                     if writer is not None:
-                        last_write = writer.submit(self.export_case, result, out_path, case_timings)
+                        last_write = writer.submit(self.export_case, result, out_path, case_timings, output_type)
                     else:
-                        self.export_case(result, out_path, case_timings)
+                        self.export_case(result, out_path, case_timings, output_type)
                     del result
                     written.append(out_path)
                     if timings is not None:  # the dict itself: the writer thread adds export_s to it later
@@ -342,13 +346,14 @@ def predict(inputs: str | Path, output: str | Path, dataset: str | int | None = 
             step_size: float = 0.5, tta: bool = False, save_probabilities: bool = False,
             continue_prediction: bool = False, num_parts: int = 1, part_id: int = 0,
             show_progress: bool = True, settings: InferenceSettings | None = None,
-            timings: list[dict] | None = None) -> list[Path]:
+            timings: list[dict] | None = None, output_type: str = "nifti") -> list[Path]:
     """Predict every input case (this part of them) with the chosen model's folds; returns the written
     segmentation files. A thin wrapper: ``Predictor.from_folders(select_model(...)).predict_folder(...)``."""
     settings = settings or InferenceSettings()
     settings.check()
     _check_run_arguments(step_size, num_parts, part_id)  # before the (slow) loading
+    check_output_type(output_type, inputs=inputs)
     dev = torch.device(resolve_device(device))
     predictor = Predictor.from_folders(select_model(dataset, configuration, folds), dev, settings)
     return predictor.predict_folder(inputs, output, step_size, tta, save_probabilities, continue_prediction,
-                                    num_parts, part_id, show_progress, timings)
+                                    num_parts, part_id, show_progress, timings, output_type)
