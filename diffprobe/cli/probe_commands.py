@@ -51,7 +51,13 @@ def predict_cmd(
     folds: list[str] | None = typer.Option(None, "-f", "--fold", help="folds to ensemble; default: all trained"),
     device: str = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda, cuda:N or mps"),
     step_size: float = typer.Option(0.5, "-step_size", "--step_size", help="tile step as a fraction of the patch"),
-    tta: bool = typer.Option(False, "--tta", help="mirroring test-time augmentation (8x slower)"),
+    tta: bool = typer.Option(False, "--tta",
+                             help="test-time noise ensemble: average the softmax over --tta_draws independent "
+                                  "feature-noise draws per tile (the randomness the models are trained with; "
+                                  "N times the denoiser work; output deterministic). No mirroring: the models "
+                                  "never saw a mirrored body. Effect measured in docs/probe.md"),
+    tta_draws: int | None = typer.Option(None, "--tta_draws", "-tta_draws",
+                                         help="noise draws per tile with --tta (default 4; implies --tta)"),
     save_probabilities: bool = typer.Option(False, "--save_probabilities", help="also write <case>.npz"),
     output_type: str = typer.Option("nifti", "--output_type",
                                     help="nifti (label map, default), dicom_seg (DICOM SEG <case>.dcm referencing "
@@ -74,6 +80,13 @@ def predict_cmd(
 
     settings = InferenceSettings(channels_last=channels_last, precision=precision, compile=compile_model,
                                  tile_batch=tile_batch, pipeline=not sequential)
-    written = predict(inputs, output, dataset, configuration, folds, device, step_size, tta, save_probabilities,
+    from diffprobe.predict.ensemble import DEFAULT_TTA_DRAWS
+
+    draws = tta_draws if tta_draws is not None else (DEFAULT_TTA_DRAWS if tta else 1)
+    if draws < 1:
+        from diffprobe.errors import DiffprobeError
+
+        raise DiffprobeError(f"--tta_draws {draws} must be at least 1", fix="use e.g. --tta --tta_draws 4")
+    written = predict(inputs, output, dataset, configuration, folds, device, step_size, draws, save_probabilities,
                       continue_prediction, num_parts, part_id, settings=settings, output_type=output_type)
     console.print(f"[green]wrote[/] {len(written)} segmentation(s) to {output}", highlight=False)

@@ -13,6 +13,12 @@ The segmentation is a function of the pixels (and the model) only: the features'
 seeded by the tile position (``probe.features.inference_seed``), never by the case's name, so
 renaming, moving, reordering or splitting the inputs (``-num_parts``) changes no voxel.
 
+``--tta`` is a noise ensemble, the one test-time augmentation these models are trained for: each
+tile is predicted under N independent feature-noise draws (seeds from the tile position and the draw
+index) and the softmax averaged (``ensemble.group_patch_predictor``). It used to mirror image and
+guidance over three axes, which neither pretraining nor the probe ever saw (anatomy is not
+mirror-symmetric, the BPR's left-right coordinate flips meaning); docs/probe.md has the measurement.
+
 ``Predictor`` holds the loaded folds: fold heads on one frozen denoiser share one feature
 extraction per tile (``-f 0 1 2 3 4`` costs about one fold's denoiser work, not five) and their
 logits are averaged per tile, which equals averaging the folds' windows to float rounding (the
@@ -36,7 +42,14 @@ from diffprobe.parallel import progress_bar
 from diffprobe.predict.acceleration import InferenceSettings, prepare_head, prepare_model
 from diffprobe.predict.cases import LoadedCase, WindowResult, export_case, load_case, softmax_  # noqa: F401
 from diffprobe.predict.cases import add_time as _add
-from diffprobe.predict.ensemble import ProbeGroup, group_patch_predictor, group_probes, share_key  # noqa: F401
+from diffprobe.predict.ensemble import (  # noqa: F401 - re-exported
+    DEFAULT_TTA_DRAWS,
+    ProbeGroup,
+    group_patch_predictor,
+    group_probes,
+    share_key,
+    tta_draws,
+)
 from diffprobe.predict.inputs import input_cases, output_name, select_model, trained_configurations  # noqa: F401
 from diffprobe.predict.memory import MemoryEstimate, available_bytes, estimate_for_input
 from diffprobe.predict.outputs import check_output_type, output_paths
@@ -62,9 +75,16 @@ def volume_guidance(probe: TrainedProbe, data: np.ndarray, identifier: str,
 
 @torch.no_grad()
 def _ensemble_logits(groups: list[ProbeGroup], data: np.ndarray, spacing: list[float],
-                     device: torch.device, step_size: float, tta: bool, progress,
-                     settings: InferenceSettings, timings: dict[str, float] | None) -> torch.Tensor:
-    """Mean logits over every probe of ``groups``: one sliding window per group, weighted by its size."""
+                     device: torch.device, step_size: float, tta: bool | int, progress,
+                     settings: InferenceSettings, timings: dict[str, float] | None,
+                     mirror_axes: tuple[int, ...] = ()) -> torch.Tensor:
+    """Mean logits over every probe of ``groups``: one sliding window per group, weighted by its size.
+
+    ``tta``: the noise ensemble (:func:`tta_draws`: draws per tile, each one extraction for the whole
+    group). ``mirror_axes`` is not offered by ``predict``: neither pretraining nor the probe saw a
+    mirrored body; ``benchmarks/bench_tta.py`` passes it to measure what the old mirroring ``--tta`` did.
+    """
+    draws = tta_draws(tta)
     volume = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
     num_probes = sum(len(g.probes) for g in groups)
     total = None
@@ -78,9 +98,9 @@ def _ensemble_logits(groups: list[ProbeGroup], data: np.ndarray, spacing: list[f
             _add(timings, "guidance_s", started)
         started = time.perf_counter()
         logits = sliding_window_logits(
-            volume, guidance_cache[key], group_patch_predictor(group, device, settings), probe.num_classes,
+            volume, guidance_cache[key], group_patch_predictor(group, device, settings, draws), probe.num_classes,
             probe.patch_size, step_size=step_size, batch_size=settings.tile_batch,
-            mirror_axes=(0, 1, 2) if tta else (), device=device,
+            mirror_axes=mirror_axes, device=device,
             accumulate_dtype=torch.float16 if device.type == "cuda" else torch.float32, progress=progress)
         n = len(group.probes)  # the window holds the group's mean: it counts n times in the ensemble
         if total is None:
@@ -94,7 +114,7 @@ def _ensemble_logits(groups: list[ProbeGroup], data: np.ndarray, spacing: list[f
 
 @torch.no_grad()
 def predict_logits(probes: list[TrainedProbe], data: np.ndarray, spacing: list[float],
-                   device: torch.device, step_size: float = 0.5, tta: bool = False,
+                   device: torch.device, step_size: float = 0.5, tta: bool | int = False,
                    progress=None, settings: InferenceSettings | None = None,
                    timings: dict[str, float] | None = None) -> torch.Tensor:
     """Mean sliding-window logits (K, z, y, x) of the probes on a preprocessed volume.
@@ -110,7 +130,7 @@ def predict_logits(probes: list[TrainedProbe], data: np.ndarray, spacing: list[f
 
 
 def window_case(probes: list[TrainedProbe], loaded: LoadedCase, device: torch.device, step_size: float = 0.5,
-                tta: bool = False, save_probabilities: bool = False, progress=None,
+                tta: bool | int = False, save_probabilities: bool = False, progress=None,
                 settings: InferenceSettings | None = None, timings: dict[str, float] | None = None) -> WindowResult:
     """Sliding window, fold ensemble and softmax on the planned grid; frees the preprocessed volume."""
     return Predictor(probes, device, settings, prepare=False).window_case(loaded, step_size, tta, save_probabilities,
@@ -230,14 +250,18 @@ class Predictor:
         """Read, integrity-check and preprocess one input (no torch work: may run in a thread)."""
         return load_case(self.probes, case, timings)
 
-    def logits(self, data: np.ndarray, step_size: float = 0.5, tta: bool = False, progress=None,
+    def logits(self, data: np.ndarray, step_size: float = 0.5, tta: bool | int = False, progress=None,
                timings: dict[str, float] | None = None, spacing: list[float] | None = None) -> torch.Tensor:
-        """Mean logits (K, z, y, x) of every probe on a preprocessed volume (``spacing``: the planned one)."""
+        """Mean logits (K, z, y, x) of every probe on a preprocessed volume (``spacing``: the planned one).
+
+        ``tta``: False (default), True (:data:`DEFAULT_TTA_DRAWS` noise draws per tile) or the number of
+        draws; with N > 1 draws the values are the log of the draws' mean softmax (``tta_draws``,
+        ``ensemble.group_patch_predictor``): the softmax of the result is the ensemble's probabilities."""
         spacing = spacing if spacing is not None else self.meta["plans"]["preprocessing"]["target_spacing"]
         return _ensemble_logits(self.groups, data, spacing, self.device, step_size, tta, progress,
                                 self.settings, timings)
 
-    def window_case(self, loaded: LoadedCase, step_size: float = 0.5, tta: bool = False,
+    def window_case(self, loaded: LoadedCase, step_size: float = 0.5, tta: bool | int = False,
                     save_probabilities: bool = False, progress=None,
                     timings: dict[str, float] | None = None) -> WindowResult:
         """Sliding window, fold ensemble and softmax on the planned grid; frees the preprocessed volume.
@@ -258,7 +282,7 @@ class Predictor:
         """Label map (and probabilities) back to the input's raw geometry, written atomically."""
         return export_case(self.probes, result, out_path, timings, output_type)
 
-    def predict_folder(self, inputs: str | Path, output: str | Path, step_size: float = 0.5, tta: bool = False,
+    def predict_folder(self, inputs: str | Path, output: str | Path, step_size: float = 0.5, tta: bool | int = False,
                        save_probabilities: bool = False, continue_prediction: bool = False, num_parts: int = 1,
                        part_id: int = 0, show_progress: bool = True,
                        timings: list[dict] | None = None, output_type: str = "nifti") -> list[Path]:
@@ -270,6 +294,7 @@ class Predictor:
         per predicted case (preprocess, guidance, window, argmax, export; each measured in its thread).
         """
         _check_run_arguments(step_size, num_parts, part_id)
+        tta_draws(tta)  # a bad number of draws refuses before any case is read
         cases = input_cases(Path(inputs), len(self.meta["plans"]["channel_names"]))[part_id::num_parts]
         check_output_type(output_type, cases, inputs)  # nifti | dicom_seg | both (diffprobe.predict.outputs)
         output = Path(output)
@@ -343,7 +368,7 @@ class Predictor:
 
 def predict(inputs: str | Path, output: str | Path, dataset: str | int | None = None,
             configuration: str | None = None, folds: list[str] | None = None, device: str = "auto",
-            step_size: float = 0.5, tta: bool = False, save_probabilities: bool = False,
+            step_size: float = 0.5, tta: bool | int = False, save_probabilities: bool = False,
             continue_prediction: bool = False, num_parts: int = 1, part_id: int = 0,
             show_progress: bool = True, settings: InferenceSettings | None = None,
             timings: list[dict] | None = None, output_type: str = "nifti") -> list[Path]:
@@ -352,6 +377,7 @@ def predict(inputs: str | Path, output: str | Path, dataset: str | int | None = 
     settings = settings or InferenceSettings()
     settings.check()
     _check_run_arguments(step_size, num_parts, part_id)  # before the (slow) loading
+    tta_draws(tta)
     check_output_type(output_type, inputs=inputs)
     dev = torch.device(resolve_device(device))
     predictor = Predictor.from_folders(select_model(dataset, configuration, folds), dev, settings)

@@ -34,15 +34,21 @@ def patch_seed(identifier: str, start: Sequence[int]) -> int:
 INFERENCE_SEED_KEY = "features"  # the key `diffprobe features` (predict/embeddings.py) seeds its tiles with
 
 
-def inference_seed(start: Sequence[int]) -> int:
+def inference_seed(start: Sequence[int], draw: int = 0) -> int:
     """The seed of a tile's feature noise at inference: its start (z, y, x) on the preprocessed grid only.
 
     Not the case name: the same pixels under another name, in another folder or another ``-num_parts``
     split must give the same segmentation. Not a hash of the pixels either: a one-ulp difference in
     the preprocessed volume (another platform's resampling) would redraw every tile's noise and move
     the output far more than the pixels moved.
+
+    ``draw``: the index of an independent noise draw for the same tile (``predict --tta``, the
+    noise ensemble). Draw 0 is the plain prediction's seed, so one draw *is* the prediction without
+    TTA; draw d > 0 hashes ``"features#d"`` instead of ``"features"`` (another crc32: independent noise).
     """
-    return patch_seed(INFERENCE_SEED_KEY, start)
+    if draw < 0:
+        raise ValueError(f"draw must be >= 0, got {draw}")
+    return patch_seed(INFERENCE_SEED_KEY if draw == 0 else f"{INFERENCE_SEED_KEY}#{int(draw)}", start)
 
 
 def patch_noise(shape: Sequence[int], seed: int, timesteps: Sequence[int]) -> Tensor:
