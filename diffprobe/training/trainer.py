@@ -6,6 +6,11 @@ steps and ``checkpoint_final``, exact resume (model, optimiser, scheduler, EMA, 
 states) that may extend the step budget, a stop with a clear message on a non-finite loss
 (the last good checkpoint is kept), a JSON-lines log, a loss-curve PNG and a progress bar.
 
+Under DDP every rank stops together: each step's batch and loss are computed inside
+``dist_utils.together`` blocks (one tiny all-reduce each), so a data error, a non-finite loss or
+a Ctrl-C/SIGTERM on any rank stops every rank with the same message before the gradient
+all-reduce, instead of leaving the others blocked in it (``diffprobe.training.distributed``).
+
 Stage-specific work stays outside: the caller passes ``loss_fn(model, batch, step)`` and a
 ``batches(start_step)`` iterator. Randomness that affects the result is expected to come
 from generators seeded by (seed, step, rank) inside those callables, which makes resumed
@@ -136,9 +141,10 @@ class Trainer:
         }
 
     def save(self, path: Path) -> None:
-        if dist_utils.is_main_process():
-            save_checkpoint(path, self._payload())
-        dist_utils.barrier()
+        # together, not a barrier: a failed write on rank 0 (disk full) stops every rank with its message
+        with dist_utils.together(f"{self.name}: writing {path.name}"):
+            if dist_utils.is_main_process():
+                save_checkpoint(path, self._payload())
 
     def resume(self) -> bool:
         """Load the newest checkpoint if there is one. The configured total_steps may exceed the saved one.
@@ -223,7 +229,7 @@ class Trainer:
             return self.history
         self.model.train()
         it = batches(self.step)
-        t_start, samples_done = time.perf_counter(), 0
+        clock = {"start": time.perf_counter(), "samples": 0}  # for patches/s
         with progress_bar() as progress:
             if self.resumed_from is not None and show_progress and main:
                 progress.console.print(f"{self.name}: resumed from step {self.step} ({self.resumed_from.name})",
@@ -231,39 +237,66 @@ class Trainer:
             task = progress.add_task(f"{self.name}", total=self.cfg.total_steps, completed=self.step,
                                      visible=show_progress and main)
             while self.step < self.cfg.total_steps:
-                batch = next(it)
-                with self._autocast():
-                    loss, metrics = self.loss_fn(self.wrapped, batch, self.step)
-                if not torch.isfinite(loss.detach()).all():
-                    raise DiffprobeError(
-                        f"{self.name}: loss became {loss.item()} at step {self.step}; training stopped, the last good "
-                        f"checkpoint ({self.latest_path.name}) is kept", self.out_dir,
-                        "lower the learning rate (or check the data for extreme values) and resume with --c")
-                self.apply_gradients(loss)
-                self.step += 1
-                samples_done += self.cfg.samples_per_step
-                final = self.step == self.cfg.total_steps
-                validate_now = self.validate is not None and self.cfg.validate_every > 0 and (
-                    final or self.step % self.cfg.validate_every == 0)
-                if self.step % self.cfg.log_every == 0 or final or validate_now:
-                    elapsed = time.perf_counter() - t_start
-                    record = {"step": self.step, "loss": float(loss.item()), "lr": self.scheduler.get_last_lr()[0],
-                              "samples_per_s": samples_done / max(elapsed, 1e-9), **metrics}
-                    if validate_now:
-                        record.update(self._run_validation())
-                    self.history.append(record)
-                    if main:
-                        self._log(record)
-                    progress.update(task, description=f"{self.name} loss {record['loss']:.4f} "
-                                                      f"{record['samples_per_s']:.1f} patches/s")
-                progress.update(task, completed=self.step)
-                if self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.total_steps:
-                    self.save(self.latest_path)
+                try:
+                    self._step(it, clock, lambda **kw: progress.update(task, **kw))
+                except BaseException as e:  # one rank's error anywhere in the step (a peer lost in the gradient
+                    # all-reduce, a signal, a log write): announced, so that every rank stops with it
+                    dist_utils.stop_together(f"{self.name} step {self.step}", e)
         self.save(self.latest_path)
         self.save(self.final_path)
         if main:
             self.plot_losses()
         return self.history
+
+    def _step(self, it: Iterator[Any], clock: dict[str, float], update: Callable[..., None]) -> None:
+        """One optimiser step, then its log record, validation and checkpoint as configured."""
+        loss, metrics = self._loss_of_step(it)
+        self.apply_gradients(loss)
+        self.step += 1
+        clock["samples"] += self.cfg.samples_per_step
+        final = self.step == self.cfg.total_steps
+        validate_now = self.validate is not None and self.cfg.validate_every > 0 and (
+            final or self.step % self.cfg.validate_every == 0)
+        if self.step % self.cfg.log_every == 0 or final or validate_now:
+            elapsed = time.perf_counter() - clock["start"]
+            record = {"step": self.step, "loss": float(loss.item()), "lr": self.scheduler.get_last_lr()[0],
+                      "samples_per_s": clock["samples"] / max(elapsed, 1e-9), **metrics}
+            if validate_now:
+                with dist_utils.together(f"{self.name} validation at step {self.step}"):
+                    record.update(self._run_validation())
+            self.history.append(record)
+            if dist_utils.is_main_process():
+                self._log(record)
+            update(description=f"{self.name} loss {record['loss']:.4f} {record['samples_per_s']:.1f} patches/s")
+        update(completed=self.step)
+        if self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.total_steps:
+            self.save(self.latest_path)
+
+    def _loss_of_step(self, it: Iterator[Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """This step's batch and loss, every rank agreeing that all ranks have a finite one.
+
+        Two agreements (each a no-op without DDP): after the batch, because DDP's forward may itself
+        run collectives (buffer broadcast, bucket rebuild) that a rank without a batch never joins;
+        and after the loss, before the backward pass averages a NaN into every rank's gradients.
+        """
+        context = f"{self.name} step {self.step}"
+        with dist_utils.together(f"{context} (reading the batch)"):
+            try:
+                batch = next(it)
+            except Exception as e:  # a DiffprobeError in a loader process arrives wrapped in its traceback
+                user = dist_utils.worker_user_error(e)
+                if user is None:
+                    raise
+                raise user from e
+        with dist_utils.together(context):
+            with self._autocast():
+                loss, metrics = self.loss_fn(self.wrapped, batch, self.step)
+            if not torch.isfinite(loss.detach()).all():
+                raise DiffprobeError(
+                    f"{self.name}: loss became {loss.item()} at step {self.step}; training stopped, the last good "
+                    f"checkpoint ({self.latest_path.name}) is kept", self.out_dir,
+                    "lower the learning rate (or check the data for extreme values) and resume with --c")
+        return loss, metrics
 
     def _run_validation(self) -> dict[str, float]:
         self.model.eval()
