@@ -9,6 +9,12 @@ Each map knows what produced it: ``<case>.json`` next to it holds the checksum o
 (hash of its properties JSON, size and mtime of its data file). The stamp is removed before and
 written (atomically) after the map, so a map without a current stamp is never used: a BPR
 continued with ``--c``, a re-preprocessed case or a killed write all mean "compute again".
+
+Under DDP (pretraining, probe training) the maps are shared out: rank 0 lists the missing or stale
+ones, every rank computes its share (balanced by voxel count) and all ranks meet before reading
+them. Rank 0 alone would keep the others waiting for the whole dataset, past the collective
+timeout on a large one; a failure in any rank's share stops every rank with its message. The
+results folder must be shared by all nodes (it holds the checkpoints too).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffprobe.errors import DiffprobeError
@@ -24,6 +31,7 @@ from diffprobe.guidance import bpr_coordinates
 from diffprobe.preprocessing.storage import load_array, save_array
 from diffprobe.preprocessing.volumes import VolumeRef
 from diffprobe.pretraining.pretrained_model import BPR_CKPT, weights_checksum
+from diffprobe.training import distributed as dist_utils
 from diffprobe.training.checkpoint import load_checkpoint
 from diffprobe.utils import read_json, write_json
 
@@ -101,18 +109,29 @@ def write_bpr_maps(model: torch.nn.Module, volumes: list[VolumeRef], crop: list[
     """The volumes with their BPR maps, computing every map that is missing or stale (see module doc).
 
     ``bpr_checksum``: of the checkpoint ``model`` was loaded from (default: ``out``'s final BPR checkpoint).
+    Under DDP every rank calls it with the same volumes and computes its share.
     """
     bpr_checksum = bpr_checksum or bpr_checkpoint_checksum(out)
+    # decided by rank 0 alone: ranks checking while others already write could see different lists
+    with dist_utils.together("BPR maps: checking which maps are current"):
+        stale = ([i for i, v in enumerate(volumes) if not is_current(v, map_path(v, out), bpr_checksum)]
+                 if dist_utils.is_main_process() else None)
+    stale = dist_utils.main_process_value(stale)
+    share = dist_utils.balanced_shares([float(np.prod(volumes[i].shape)) for i in stale])[dist_utils.rank()]
     model = model.to(device).eval()
-    refs = []
-    for v in volumes:
-        path = map_path(v, out)
-        if not is_current(v, path, bpr_checksum):
-            stamp = stamp_path(path)
-            stamp.unlink(missing_ok=True)  # invalidate first: the stamp is the completion marker
-            expected = _expected_stamp(v, bpr_checksum)  # before reading: a case rewritten meanwhile stays stale
-            coords = bpr_coordinates(model, load_array(v.data_path), crop)
-            save_array(coords.cpu().numpy(), path, None)
-            write_json(stamp, expected | {"crop": [int(c) for c in crop]})
-        refs.append(dataclasses.replace(v, guidance_path=path))
-    return refs
+    with dist_utils.together("BPR maps"):
+        for k in share:
+            write_bpr_map(model, volumes[stale[k]], crop, out, bpr_checksum)
+    return with_bpr_maps(volumes, out, bpr_checksum)
+
+
+def write_bpr_map(model: torch.nn.Module, ref: VolumeRef, crop: list[int], out: Path, bpr_checksum: str) -> Path:
+    """Compute and store one volume's map and then its stamp (``model``: on its device, in eval mode)."""
+    path = map_path(ref, out)
+    stamp = stamp_path(path)
+    stamp.unlink(missing_ok=True)  # invalidate first: the stamp is the completion marker
+    expected = _expected_stamp(ref, bpr_checksum)  # before reading: a case rewritten meanwhile stays stale
+    coords = bpr_coordinates(model, load_array(ref.data_path), crop)
+    save_array(coords.cpu().numpy(), path, None)
+    write_json(stamp, expected | {"crop": [int(c) for c in crop]})
+    return path

@@ -28,9 +28,10 @@ from diffprobe.guidance import GUIDANCE_MODES
 from diffprobe.planning.compat import data_differences
 from diffprobe.planning.view import Plans
 from diffprobe.preprocessing.access import preprocessed_cases
-from diffprobe.preprocessing.storage import load_array, open_array
+from diffprobe.preprocessing.storage import open_array
 from diffprobe.pretraining import data as pdata
-from diffprobe.pretraining.bpr_maps import with_bpr_maps, write_bpr_maps
+from diffprobe.pretraining.bpr_maps import write_bpr_maps
+from diffprobe.pretraining.bpr_report import write_bpr_reports
 from diffprobe.pretraining.pretrained_model import MODEL_FORMAT, PretrainedModel, build_denoiser
 from diffprobe.training import distributed as dist_utils
 from diffprobe.training.trainer import Trainer, TrainerConfig
@@ -280,18 +281,20 @@ def pretrain(datasets: list[str] | None = None, name: str = "default", stage: st
         raise DiffprobeError("no preprocessed dataset found", paths.preprocessed_root(),
                              "run `diffprobe plan_and_preprocess -d <id>` first")
     dev = dist_utils.init_from_env(resolve_device(device))
-    volumes, dataset_plans, names = collect_volumes(datasets)
-    plans = Plans(run_plans(dataset_plans, overrides))
-    out = model.folder
-    if model.exists and not resume:
-        raise DiffprobeError(f"a pretrained model named '{name}' already exists", out,
-                             "continue it with --c, or choose another --name")
-    meta = {"format": MODEL_FORMAT, "diffprobe_version": __version__, "name": name, "datasets": names,
-            "guidance": guidance, "attention": attention, "seed": seed, "plans": plans.raw}
-    if model.exists:
-        _check_resume(read_json(model.meta_path), meta, model.meta_path)
-    if dist_utils.is_main_process():
-        write_json(model.meta_path, meta)
+    exists = dist_utils.main_process_value(model.exists)  # rank 0's view, before it writes model.json below
+    with dist_utils.together("pretrain: reading the datasets and the model"):  # a setup error stops all ranks
+        volumes, dataset_plans, names = collect_volumes(datasets)
+        plans = Plans(run_plans(dataset_plans, overrides))
+        out = model.folder
+        if exists and not resume:
+            raise DiffprobeError(f"a pretrained model named '{name}' already exists", out,
+                                 "continue it with --c, or choose another --name")
+        meta = {"format": MODEL_FORMAT, "diffprobe_version": __version__, "name": name, "datasets": names,
+                "guidance": guidance, "attention": attention, "seed": seed, "plans": plans.raw}
+        if exists:
+            _check_resume(read_json(model.meta_path), meta, model.meta_path)
+        if dist_utils.is_main_process():
+            write_json(model.meta_path, meta)
     result = PretrainResult(out)
     run_bpr = stage in ("bpr", "all") and guidance == "bpr"
     if run_bpr:
@@ -299,14 +302,8 @@ def pretrain(datasets: list[str] | None = None, name: str = "default", stage: st
         result.stages_run.append("bpr")
     if guidance == "bpr" and stage in ("diffusion", "all"):
         bpr_model, crop = model.load_bpr(dev)
-        if dist_utils.is_main_process():
-            volumes = write_bpr_maps(bpr_model, volumes, crop, out, dev)
-            from diffprobe.pretraining.plots import plot_bpr_coordinates
-
-            plot_bpr_coordinates(volumes[0], out / "bpr_coordinates.png")
-            _write_bpr_consistency(volumes, out)
-        dist_utils.barrier()
-        volumes = with_bpr_maps(volumes, out)
+        volumes = write_bpr_maps(bpr_model, volumes, crop, out, dev)  # under DDP: each rank its share
+        write_bpr_reports(volumes, out, BPR_SCALE_PER_MM, dev)
     if stage in ("diffusion", "all"):
         _, result.histories["diffusion"] = train_diffusion(volumes, plans, guidance, attention, out, dev,
                                                            resume, seed, show_progress)
@@ -315,80 +312,5 @@ def pretrain(datasets: list[str] | None = None, name: str = "default", stage: st
 
 
 def _write_bpr_consistency(volumes: list[pdata.VolumeRef], out: Path) -> dict | None:
-    """Organ-centroid spread in BPR vs array coordinates on the labelled training volumes
-    (``bpr_consistency.json``), then the per-scan quality report and figures (``_write_bpr_quality``)."""
-    from diffprobe.bpr.evaluate import organ_centroid_spread
-
-    by_dir: dict[Path, list[pdata.VolumeRef]] = {}
-    for v in volumes:
-        by_dir.setdefault(v.data_dir, []).append(v)
-    report = {}
-    for data_dir, refs in by_dir.items():
-        maps = {r.identifier: load_array(r.guidance_path) for r in refs}
-        labels = read_json(data_dir.parent / "plans.json")["labels"]
-        report[data_dir.parent.parent.name] = organ_centroid_spread(
-            data_dir, [r.identifier for r in refs], maps, labels, BPR_SCALE_PER_MM)
-    write_json(out / "bpr_consistency.json", report)
-    _write_bpr_quality(volumes, out, report)
-    return report
-
-
-BPR_QUALITY_MIN_SPEARMAN = 0.95  # the cranio-caudal coordinate must be monotone along each scan (docs/bpr.md)
-BPR_MAX_SCAN_FIGURES = 24  # per-scan figures: the first N scans (sorted); the report covers all
-
-
-def _write_bpr_quality(volumes: list[pdata.VolumeRef], out: Path, consistency: dict | None = None) -> dict:
-    """``bpr_quality.json`` next to ``bpr_consistency.json``, ``bpr_profiles.png`` and per-scan figures
-    ``bpr_figures/<dataset>/bpr_coordinates_<case>.png``.
-
-    Per scan (``diffprobe.bpr.evaluate.scan_quality``): Spearman rho between slice index and the
-    slice's mean CC coordinate, coordinate ranges and slopes in mm-equivalents, profile roughness,
-    and the tile disagreement (two inference tiles half a crop apart, on the same voxels) when the
-    scan needs more than one tile. Needs the volumes' BPR maps (``guidance_path``) and the model's
-    trained BPR (``bpr/checkpoint_final.pt`` of ``out``).
-    """
-    from diffprobe.bpr.evaluate import axis_profile, scan_quality, tile_disagreement
-    from diffprobe.pretraining.plots import plot_bpr_profiles, plot_bpr_scan
-
-    model = crop = None
-    pm = PretrainedModel(out.name)
-    if pm.folder.resolve() == out.resolve() and pm.bpr_checkpoint.is_file():
-        model, crop = pm.load_bpr("cpu")
-    scans, profiles = {}, {}
-    for i, ref in enumerate(sorted(volumes, key=lambda v: (v.data_dir.parent.parent.name, v.identifier))):
-        dataset = ref.data_dir.parent.parent.name
-        image = load_array(ref.data_path)
-        coords = load_array(ref.guidance_path).astype(np.float32)
-        q = scan_quality(coords, ref.spacing, BPR_SCALE_PER_MM, image)
-        if model is not None:
-            tiles = tile_disagreement(model, image, tuple(crop), BPR_SCALE_PER_MM)
-            q["tile_disagreement_mm"] = tiles["mm"]
-            q["tile_disagreement_by_shift_axis_mm"] = tiles["mm_by_shift_axis"]
-        q["monotone"] = bool(q["spearman_cc"] >= BPR_QUALITY_MIN_SPEARMAN)
-        key = f"{dataset}/{ref.identifier}"
-        scans[key] = q
-        profiles[key] = (np.arange(coords.shape[1]) * ref.spacing[0], axis_profile(coords, 2) / BPR_SCALE_PER_MM,
-                         q["spearman_cc"])
-        if i < BPR_MAX_SCAN_FIGURES:
-            plot_bpr_scan(image[0], coords, ref.spacing, BPR_SCALE_PER_MM, f"BPR coordinates: {key}",
-                          out / "bpr_figures" / dataset / f"bpr_coordinates_{ref.identifier}.png", q)
-    rhos = [q["spearman_cc"] for q in scans.values()]
-    report = {
-        "definition": {
-            "spearman_cc": "Spearman rho between slice index and the slice's mean CC coordinate",
-            "range_mm": "max - min of the per-index mean coordinate along its own axis, / scale_per_mm",
-            "extent_mm": "the scan's physical length along that axis", "slope": "fitted slope / scale_per_mm",
-            "roughness_mm": "RMS second difference of that profile / scale_per_mm (tile stripes)",
-            "tile_disagreement_mm": "mean |difference| of two tiles half a crop apart on common voxels, mm "
-                                    "(absent when the scan fits one tile)"},
-        "scale_per_mm": BPR_SCALE_PER_MM, "min_spearman": BPR_QUALITY_MIN_SPEARMAN, "crop": crop,
-        "summary": {"scans": len(scans), "monotone": int(sum(q["monotone"] for q in scans.values())),
-                    "min_spearman_cc": float(np.nanmin(rhos)) if rhos else None,
-                    "consistency_ratio": {k: v.get("ratio") for k, v in (consistency or {}).items()},
-                    "rigid_bound_ratio": {k: v.get("rigid_bound_ratio") for k, v in (consistency or {}).items()}},
-        "scans": scans,
-    }
-    write_json(out / "bpr_quality.json", report)
-    if profiles:
-        plot_bpr_profiles(dict(list(profiles.items())[:BPR_MAX_SCAN_FIGURES * 2]), out / "bpr_profiles.png")
-    return report
+    """The BPR reports of ``out`` (``bpr_report.write_bpr_reports``; kept for benchmarks/bench_bpr.py)."""
+    return write_bpr_reports(volumes, out, BPR_SCALE_PER_MM)
