@@ -1,13 +1,17 @@
-"""A 2-process gloo DDP run keeps weights identical across ranks; only rank 0 writes files."""
+"""A 2-process gloo DDP run keeps weights identical across ranks; only rank 0 writes files. The DDP
+helpers: the collective timeout, balanced shares, loader errors (the stops: test_ddp_stop.py)."""
 
 import contextlib
+import datetime
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from diffprobe.errors import DiffprobeError
 from diffprobe.training import distributed as dist_utils
 from diffprobe.training.trainer import Trainer, TrainerConfig
 
@@ -89,3 +93,46 @@ def test_ddp_resume_equals_uninterrupted(tmp_path):
     mp.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in (0, 1):
         assert torch.load(tmp_path / f"resume_rank{r}.pt", weights_only=True)["same"].item()
+
+
+def test_collective_timeout_is_explicit_and_configurable(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(dist_utils, "install_stop_signals", lambda: None)  # not in pytest's own process
+    monkeypatch.setattr(dist_utils, "is_distributed", lambda: False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv(dist_utils.TIMEOUT_ENV, raising=False)
+    dist_utils.init_from_env("cpu")
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=30)}
+    monkeypatch.setenv(dist_utils.TIMEOUT_ENV, "2.5")
+    dist_utils.init_from_env("cpu")
+    assert seen["timeout"] == datetime.timedelta(minutes=2.5)
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv(dist_utils.TIMEOUT_ENV, bad)
+        with pytest.raises(DiffprobeError, match=dist_utils.TIMEOUT_ENV):
+            dist_utils.init_from_env("cpu")
+
+
+def test_balanced_shares_cover_everything_once_and_balance_the_cost():
+    costs = [9.0, 1.0, 1.0, 1.0, 5.0, 4.0, 3.0, 2.0]
+    shares = dist_utils.balanced_shares(costs, 3)
+    assert sorted(i for s in shares for i in s) == list(range(len(costs)))
+    loads = [sum(costs[i] for i in s) for s in shares]
+    assert max(loads) - min(loads) <= max(costs) and max(loads) <= 10.0  # total 26: 9/9/8 is possible
+    assert dist_utils.balanced_shares(costs, 3) == shares  # every rank computes the same split
+    assert dist_utils.balanced_shares([], 2) == [[], []]
+    assert dist_utils.balanced_shares([1.0, 2.0], 1) == [[0, 1]]
+
+
+def test_a_loader_processes_user_error_becomes_one_clean_message():
+    """A DataLoader worker's DiffprobeError comes back as its traceback text; the trainer shows the error."""
+    wrapped = RuntimeError("Caught DiffprobeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                           "call last):\n  File \"x.py\", line 3, in batch\n    raise DiffprobeError(...)\n"
+                           "diffprobe.errors.DiffprobeError: case_7.b2nd: chunk 3 is corrupt\n"
+                           "    fix: preprocess again\n")
+    error = dist_utils.worker_user_error(wrapped)
+    assert error is not None and error.format() == "case_7.b2nd: chunk 3 is corrupt\n    fix: preprocess again"
+    assert dist_utils.worker_user_error(RuntimeError("plain")) is None
+    bug = RuntimeError(str(wrapped).replace("diffprobe.errors.DiffprobeError", "ZeroDivisionError"))
+    assert dist_utils.worker_user_error(bug) is None
