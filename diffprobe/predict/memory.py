@@ -14,7 +14,9 @@ guidance channels; bytes):
   sharing one denoiser share one window); plus the denoiser's working memory on one batch of tiles
   (``tile_batch`` tiles x the feature timesteps; bf16 activations count half), bounded by the
   planner's per-sample training-activation estimate (inference keeps fewer tensors alive, so this
-  over-states it).
+  over-states it). ``--tta`` (noise draws) adds nothing here: the draws of a batch run one after
+  another through the same ``tile_batch`` forward, shared by the fold heads, and only the batch's
+  running log-probability sum (tiles x K x patch, float32) is kept between them.
 * **back to the raw grid** — the K float32 softmax planes on the planned grid (4 K M), each
   resampled linearly in turn with a running float16 maximum and the label map (its argmax),
   un-cropped, re-oriented and handed to SimpleITK: ~``WRITE_BYTES_PER_RAW_VOXEL * N + 4 K M``; with
