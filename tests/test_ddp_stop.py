@@ -244,7 +244,7 @@ def test_sigterm_to_the_torchrun_launcher_stops_every_rank(phantom_roots, tmp_pa
             time.sleep(0.1)
         ranks = _children(launcher.pid)
         assert len(ranks) == WORLD, ranks
-        time.sleep(1.0)  # some steps in
+        time.sleep(0.3)  # a step or two in
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=max(1.0, deadline - time.monotonic()))
         while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
