@@ -12,16 +12,37 @@ cropped and transformed together with the image so they stay voxel-aligned.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffprobe.guidance import GUIDANCE_MODES, guidance_channels, guidance_mode, patch_guidance
+from diffprobe.preprocessing import volumes
+from diffprobe.preprocessing.access import case_summaries
 from diffprobe.preprocessing.storage import open_array
-from diffprobe.preprocessing.volumes import VolumeRef, read_region, volume_refs
+from diffprobe.preprocessing.volumes import VolumeRef, read_region
 
 __all__ = ["GUIDANCE_MODES", "PatchBatches", "VolumeRef", "loader", "read_region", "step_rng", "volume_refs"]
+
+
+def volume_refs(data_dir: Path, identifiers: list[str]) -> list[VolumeRef]:
+    """References (shape, spacing) to the cases, from the case index (``access.case_summaries``).
+
+    Why not each properties JSON: parsing them all made start-up grow with the dataset (a labelled
+    case's JSON holds thousands of class locations); the index holds the two fields needed. Nothing
+    here opens an array: patches are read lazily, per step, in the loader.
+    """
+    summaries = case_summaries(data_dir)
+    refs = []
+    for ident in identifiers:
+        s = summaries.get(ident)
+        if s is None or s.get("shape") is None or s.get("spacing") is None:
+            refs.extend(volumes.volume_refs(data_dir, [ident]))  # not indexed: read its JSON (its errors)
+        else:
+            refs.append(VolumeRef(data_dir, ident, tuple(s["shape"]), tuple(s["spacing"])))
+    return refs
 
 
 def step_rng(seed: int, step: int, rank: int, stream: int = 0) -> np.random.Generator:
