@@ -1,0 +1,46 @@
+"""benchmarks/gpu_suite.sh: the CPU dry run goes through every section's code path and writes a complete report.
+
+Why: the suite exists for the day a GPU is lent, when there is no time to debug it; without a GPU
+the dry run (same code, tiny sizes, CPU against itself, ``torch.compile`` with the eager backend,
+DDP with gloo) is the only check that it works end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+
+
+@pytest.mark.slow
+def test_dry_run_covers_every_section(tmp_path: Path) -> None:
+    report_path = tmp_path / "suite.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFPROBE_", "nnUNet_"))}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    done = subprocess.run([str(SUITE), "--device", "cpu", "--dry-run", "--ddp-on-cpu", "--workdir",
+                           str(tmp_path / "work"), "--json", str(report_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    report = json.loads(report_path.read_text())
+    sections = report["sections"]
+    assert set(sections) == {"setup", "agreement", "peak", "pretrain", "predict", "compile", "ddp"}
+    assert not [name for name, s in sections.items() if "error" in s or "skipped" in s]
+
+    agree = sections["agreement"]  # the CPU against itself: identical
+    assert agree["denoiser_fp32"]["max_abs_diff"] == 0 and agree["probe_logits_fp32"]["argmax_agreement"] == 1
+    assert agree["small_predict"]["label_agreement"] == 1
+    # the step's FLOPs, counted by FlopCounterMode, agree with the hook-based forward count x 3 within 10 %
+    pre = sections["pretrain"]
+    assert pre["step_flops"] == pytest.approx(pre["step_flops_3x_forward_flops"], rel=0.1)
+    rows = pre["rows"] + sections["compile"]["rows"]
+    assert {(r["channels_last"], r["compile"]) for r in rows} == {(a, b) for a in (False, True) for b in (False, True)}
+    assert all(r["patches_per_s"] > 0 and r["of_peak"] > 0 for r in rows)
+    assert sections["predict"]["runs"][0]["seconds"] > 0 and "window_s" in sections["predict"]["runs"][0]["phases_s"]
+    assert sections["ddp"]["world_size"] == 2 and sections["ddp"]["patches_per_s"] > 0
+    assert "| measure | value | goal |" in done.stdout
