@@ -211,9 +211,11 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
             "levels": probe.extractor.levels, "patch_size": patch, "num_classes": num_classes, "labels": labels,
             "train_cases": train_ids, "val_cases": val_ids, "config": cfg, "seed": seed, "plans": plans}
     meta_path = folder / "probe.json"
-    if meta_path.is_file() and not resume:
+    # rank 0 decides whether the probe exists: another rank could see the probe.json rank 0 writes below
+    existed = dist_utils.main_process_value(meta_path.is_file())
+    if existed and not resume:
         raise DiffprobeError("this probe was already trained", folder, "continue it with --c or delete the folder")
-    if meta_path.is_file():
+    if existed:
         old = read_json(meta_path)
         keys = ("pretrained_checksum", "timesteps", "head", "finetune", "patch_size", "extractor", "init")
         defaults = {"extractor": "denoiser", "init": "pretrained"}  # probe.json written before these keys
