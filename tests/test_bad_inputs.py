@@ -556,10 +556,10 @@ def test_checkpoint_of_another_version(probe: Roots, tmp_path: Path, capfd: pyte
 
 def test_probe_json_of_another_version(probe: Roots, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     meta = json.loads((probe.pre / "probe.json").read_text())
-    meta["format"] = 2
+    meta["format"] = 1  # the per-patch GroupNorm heads
     (probe.pre / "probe.json").write_text(json.dumps(meta))
     code, text = run_cli(["predict", "-i", str(probe_image(probe)), "-o", str(tmp_path / "out"), *PREDICT], capfd)
-    assert_clean_failure(code, text, "fold_all/probe.json: probe format 2 is not supported by this version",
+    assert_clean_failure(code, text, "fold_all/probe.json: probe format 1 is not supported by this version",
                          "retrain the probe")
 
 

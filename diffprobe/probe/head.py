@@ -6,6 +6,14 @@ the finest, a pointwise block after each merge and a final 1x1x1 convolution to 
 classes. Pointwise layers keep the head small, so the segmentation quality is the
 features' doing, not the head's.
 
+Normalisation is BatchNorm (as vox2vec's), not a per-patch GroupNorm: a pointwise head decides
+a voxel's class from absolute feature levels (a vessel is brighter than liver, spleen sits at
+another BPR coordinate), and a per-patch normalisation rescales those levels by whatever else
+is in the patch, so the same voxel got another class in another crop. Measured on the shared
+real CT (48 fixed training patches, 300 steps): training-patch Dice 0.12 -> 0.20 on the image +
+guidance channels, 0.11 -> 0.13 on the tiny denoiser's features. At inference the running
+statistics are used: a voxel's logits do not depend on the rest of its tile.
+
 ``linear``: linear probing — per scale a 1x1x1 convolution to the classes, upsampled
 (trilinear, itself linear) to the input resolution and summed: the logits are a linear
 function of the features.
@@ -19,19 +27,17 @@ from torch import Tensor, nn
 HEADS = ("fpn", "linear")
 
 
-def _groups(channels: int, wanted: int = 8) -> int:
-    g = min(wanted, channels)
-    while channels % g:
-        g -= 1
-    return g
+def _norm(channels: int) -> nn.Module:
+    """Batch statistics while training, running statistics at inference (see the module docstring)."""
+    return nn.BatchNorm3d(channels)
 
 
 class PointwiseBlock(nn.Module):
-    """x + 1x1x1 conv(SiLU(GroupNorm(x))): a residual MLP applied at every voxel."""
+    """x + 1x1x1 conv(SiLU(BatchNorm(x))): a residual MLP applied at every voxel."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.norm = _norm(channels)
         self.conv = nn.Conv3d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -44,14 +50,14 @@ class FPNHead(nn.Module):
     def __init__(self, feature_channels: dict[str, int], num_classes: int, width: int = 32, blocks: int = 1) -> None:
         super().__init__()
         self.keys = sorted(feature_channels, key=lambda k: int(k[3:]))  # fine -> coarse
-        # GroupNorm on the raw features: the denoiser's taps differ in scale between levels and
-        # timesteps; normalising them makes one learning rate fit every scale (vox2vec uses BatchNorm).
+        # normalising the raw features: the denoiser's taps differ in scale between levels and
+        # timesteps; normalised, one learning rate fits every scale
         self.lateral = nn.ModuleDict({
-            k: nn.Sequential(nn.GroupNorm(_groups(feature_channels[k]), feature_channels[k]),
+            k: nn.Sequential(_norm(feature_channels[k]),
                              nn.Conv3d(feature_channels[k], width, 1), *[PointwiseBlock(width) for _ in range(blocks)])
             for k in self.keys})
         self.merge = nn.ModuleDict({k: PointwiseBlock(width) for k in self.keys[:-1]})
-        self.out = nn.Sequential(nn.GroupNorm(_groups(width), width), nn.SiLU(), nn.Conv3d(width, num_classes, 1))
+        self.out = nn.Sequential(_norm(width), nn.SiLU(), nn.Conv3d(width, num_classes, 1))
 
     def forward(self, features: dict[str, Tensor], output_size: tuple[int, ...]) -> Tensor:
         h = self.lateral[self.keys[-1]](features[self.keys[-1]])

@@ -27,7 +27,7 @@ from diffprobe.probe.head import build_head
 from diffprobe.training.checkpoint import load_checkpoint, load_state_checked
 from diffprobe.utils import read_json
 
-PROBE_FORMAT = 1
+PROBE_FORMAT = 2  # 2: BatchNorm head (format 1 heads normalised per patch)
 
 
 class ProbeModel(nn.Module):
