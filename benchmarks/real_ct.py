@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -63,12 +64,23 @@ def make_dataset(raw: Path, holdout_slices: int) -> Path:
     return folder
 
 
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(argv: list[str], env: dict[str, str], log: list[dict]) -> float:
-    started = time.perf_counter()
+    """Run one diffprobe command; log its wall seconds, CPU seconds and the load around it.
+
+    CPU seconds (user + system of the command's processes) are the work done: on a machine shared
+    with other jobs the wall time stretches, the CPU time much less, so ``cpu_seconds / threads``
+    estimates the wall time of an idle machine with that many cores."""
+    started, cpu0, load0 = time.perf_counter(), _children_cpu_seconds(), os.getloadavg()[0]
     print("$ diffprobe " + " ".join(argv), flush=True)
     subprocess.run([sys.executable, "-m", "diffprobe", *argv], env=env, check=True)
     seconds = time.perf_counter() - started
-    log.append({"argv": argv, "seconds": round(seconds, 1)})
+    log.append({"argv": argv, "seconds": round(seconds, 1), "cpu_seconds": round(_children_cpu_seconds() - cpu0, 1),
+                "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2)})
     return seconds
 
 
@@ -133,12 +145,15 @@ def main() -> None:
     plans = json.loads((work / "preprocessed" / DATASET / "diffprobe" / "plans.json").read_text())
     report = {"rows": rows, "log": log, "size_class": plans["size_class"], "patch_size": plans["patch_size"],
               "target_spacing": plans["preprocessing"]["target_spacing"], "budget": plans["training"].get("budget"),
-              "total_seconds": round(sum(e["seconds"] for e in log), 1)}
+              "total_seconds": round(sum(e["seconds"] for e in log), 1),
+              "total_cpu_seconds": round(sum(e["cpu_seconds"] for e in log), 1), "threads": args.threads}
     (work / "real_ct_report.json").write_text(json.dumps(report, indent=1))
     print(f"\n{'row':<22}" + "".join(f"{o[:10]:>11}" for o in ORGANS) + f"{'mean':>8}")
     for name, row in rows.items():
         print(f"{name:<22}" + "".join(f"{row.get(o, float('nan')):>11.3f}" for o in ORGANS) + f"{row['mean']:>8.3f}")
-    print(f"total {report['total_seconds']} s; size class {report['size_class']}, patch {report['patch_size']}, "
+    print(f"total {report['total_seconds']} s wall, {report['total_cpu_seconds']} CPU s "
+          f"(~{report['total_cpu_seconds'] / args.threads / 60:.1f} min on {args.threads} idle cores); "
+          f"size class {report['size_class']}, patch {report['patch_size']}, "
           f"spacing {report['target_spacing']}")
 
 
