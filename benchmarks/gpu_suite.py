@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 DATASET_ID = 990
-DATASET_NAME = f"Dataset{DATASET_ID}_GpuSuite"
 PRETRAINED = "gpu_suite"
 PREDICT_GOAL_S = 10.0
 PEAK_GOAL = 0.30
@@ -161,7 +160,7 @@ def phantom_config(dry_run: bool):
                          spacing_inplane=(0.8, 0.8), spacing_slice=(1.5, 1.5), scan_length_mm=(66, 66))
 
 
-def setup_model(args: argparse.Namespace, config=None) -> dict:
+def setup_model(args: argparse.Namespace, config=None, dataset_id: int = DATASET_ID) -> dict:
     """Phantoms (``config``, default :func:`phantom_config`) -> plan_and_preprocess (``args.size_class``) ->
     pretrain -> probe, each for ``args.setup_steps`` steps, in the data roots the caller set."""
     from diffprobe.phantoms import make_phantom_dataset
@@ -171,27 +170,30 @@ def setup_model(args: argparse.Namespace, config=None) -> dict:
     from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
     from diffprobe.workflows.train_probe import train_probe
 
-    shutil.rmtree(args.workdir / "roots", ignore_errors=True)
-    raw = args.workdir / "roots" / "raw" / DATASET_NAME
+    name, roots = f"Dataset{dataset_id:03d}_GpuSuite", args.workdir / "roots"
+    for old in (roots / "raw" / name, roots / "preprocessed" / name, roots / "results" / name,
+                roots / "results" / "pretrained" / PRETRAINED):  # this set-up's folders only
+        shutil.rmtree(old, ignore_errors=True)
+    raw = roots / "raw" / name
     times = {}
     t0 = time.perf_counter()
     make_phantom_dataset(raw, config or phantom_config(args.dry_run))
     times["phantoms_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan_and_preprocess(DATASET_ID, num_processes=2, show_progress=False, plan_kwargs={"size_class": args.size_class})
+    plan_and_preprocess(dataset_id, num_processes=2, show_progress=False, plan_kwargs={"size_class": args.size_class})
     times["plan_and_preprocess_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     steps = args.setup_steps
-    pretrain([str(DATASET_ID)], name=PRETRAINED, device=args.device, show_progress=False,
+    pretrain([str(dataset_id)], name=PRETRAINED, device=args.device, show_progress=False,
              overrides={"bpr_steps": steps, "diffusion_steps": steps, "num_workers": 0})
     times["pretrain_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # a near-initial head (low lr, as the tests' fixture): label maps with several classes, so that the
     # agreement check compares decisions, not two all-background maps
-    train_probe(DATASET_ID, "all", PRETRAINED, device=args.device, show_progress=False, final_validation=False,
+    train_probe(dataset_id, "all", PRETRAINED, device=args.device, show_progress=False, final_validation=False,
                 overrides={"steps": steps, "validate_every": 0, "lr": 1e-3, "warmup_steps": 0}, seed=9)
     times["train_probe_s"] = time.perf_counter() - t0
-    folder = probe_dir(DATASET_ID, configuration_name(PRETRAINED, "fpn", False), "all")
+    folder = probe_dir(dataset_id, configuration_name(PRETRAINED, "fpn", False), "all")
     meta = read_json(folder / "probe.json")
     test = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[0]
     return {"probe_folder": str(folder), "test_image": str(test), "size_class": args.size_class,
