@@ -714,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     needs_model = not {"agreement", "predict"} <= set(args.skip)
     setup = suite.run("setup", lambda: setup_model(args), cost_s=0) if needs_model else None
     have_model = setup is not None and "error" not in setup
+    if needs_model and not have_model:
+        for name in ("agreement", "predict"):
+            suite.report["sections"][name] = {"skipped": "the set-up (model) failed"}
     if have_model:
         suite.run("agreement", lambda: section_agreement(args, setup))
     peak_out = suite.run("peak", lambda: section_peak(args))
