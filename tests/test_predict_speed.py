@@ -97,13 +97,14 @@ def probe_and_volume(use_trained_probe_roots):
     return folder, volume
 
 
-@pytest.mark.parametrize("settings", [InferenceSettings(channels_last=False), InferenceSettings(tile_batch=3),
+@pytest.mark.parametrize("settings", [InferenceSettings(channels_last=False, precision="fp32"),
+                                      InferenceSettings(tile_batch=3, precision="fp32"),
                                       InferenceSettings(precision="bf16")], ids=["contiguous", "batch3", "bf16"])
 def test_settings_keep_the_logits(probe_and_volume, settings):
     """Memory format and tile batch agree to float rounding; bf16 to bf16 rounding (argmax near-ties aside)."""
     folder, volume = probe_and_volume
     reference = predict_logits([load_trained_probe(folder)], volume, [2.0, 1.0, 1.0], torch.device("cpu"),
-                               settings=InferenceSettings(channels_last=True))
+                               settings=InferenceSettings(channels_last=True, precision="fp32"))
     probe = load_trained_probe(folder)
     predictor.prepare_model(probe.model, settings)
     logits = predict_logits([probe], volume, [2.0, 1.0, 1.0], torch.device("cpu"), settings=settings)
@@ -116,7 +117,11 @@ def test_settings_keep_the_logits(probe_and_volume, settings):
     assert torch.equal(logits.argmax(0)[clear], reference.argmax(0)[clear])
 
 
-def test_auto_precision_is_bf16_on_cuda_only():
+def test_auto_precision_is_bf16_on_cuda_only(monkeypatch):
+    """On a CPU without bf16 units (the detection is tests/test_precision.py's)."""
+    from diffprobe.predict import acceleration
+
+    monkeypatch.setattr(acceleration, "cpu_bf16_native", lambda flags=None: False)
     s = InferenceSettings()
     assert s.dtype(torch.device("cuda")) == torch.bfloat16
     assert s.dtype(torch.device("cpu")) == torch.float32
