@@ -86,8 +86,10 @@ def run(argv: list[str], env: dict[str, str], log: list[dict]) -> float:
 
 def dice_row(summary: Path) -> dict[str, float]:
     data = json.loads(summary.read_text())
-    names = {str(v): n for n, v in data["labels"].items()}
-    row = {names[c]: round(v["Dice"], 3) for c, v in data["mean"].items() if names.get(c) in ORGANS}
+    # evaluate's summary keys classes by id (with a "labels" map); train's validation summary by name
+    names = {str(v): n for n, v in data["labels"].items()} if "labels" in data else {n: n for n in data["mean"]}
+    row = {names[c]: round(v["Dice"], 3) for c, v in data["mean"].items()
+           if names.get(c) in ORGANS and v["Dice"] is not None}
     present = [v for v in row.values() if v == v]
     row["mean"] = round(sum(present) / len(present), 3) if present else float("nan")
     return row
