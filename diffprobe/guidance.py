@@ -159,7 +159,8 @@ class BprGuidance(Guidance):
     def patch(self, ref, start, size):
         if ref.guidance_path is None:
             raise ValueError(f"bpr guidance needs the coordinate map of {ref.identifier} (run the BPR stage first)")
-        return read_region(open_array(ref.guidance_path), np.asarray(start), tuple(int(s) for s in size), fill=0.0)
+        return read_region(open_array(ref.guidance_path), np.asarray(start), tuple(int(s) for s in size), fill=0.0,
+                           edge=True)
 
     def volume(self, data, spacing, bpr=None, bpr_crop=None):
         if bpr is None or bpr_crop is None:

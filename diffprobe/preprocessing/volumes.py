@@ -43,15 +43,22 @@ def volume_refs(data_dir: Path, identifiers: list[str]) -> list[VolumeRef]:
     return refs
 
 
-def read_region(arr, start: np.ndarray, size: tuple[int, ...], fill: float) -> np.ndarray:
-    """Read arr[:, start:start+size] with out-of-bounds parts filled (volumes may be smaller than patches)."""
+def read_region(arr, start: np.ndarray, size: tuple[int, ...], fill: float, edge: bool = False) -> np.ndarray:
+    """Read arr[:, start:start+size] with out-of-bounds parts filled (volumes may be smaller than patches).
+
+    ``edge``: out-of-bounds parts repeat the nearest in-bounds voxel instead of ``fill`` — what the
+    sliding window does to guidance channels (a constant would be a real, wrong coordinate), so that
+    training patches of volumes thinner than the patch see what prediction sees."""
     start = np.asarray(start)
     shape = np.array(arr.shape[1:])
     lo = np.maximum(start, 0)
     hi = np.minimum(start + np.array(size), shape)
     out = np.full((arr.shape[0], *size), fill, dtype=np.float32)
     if np.all(hi > lo):
-        src = arr[(slice(None),) + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+        src = np.asarray(arr[(slice(None),) + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))], dtype=np.float32)
+        if edge:
+            widths = [(0, 0)] + [(int(a - s), int(s + n - b)) for a, b, s, n in zip(lo, hi, start, size)]
+            return np.pad(src, widths, mode="edge")
         dst = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start))
-        out[(slice(None),) + dst] = np.asarray(src, dtype=np.float32)
+        out[(slice(None),) + dst] = src
     return out

@@ -1,0 +1,37 @@
+"""Volumes thinner than the patch: training patches see what the sliding window feeds at prediction
+(the slab centred in the patch, image padded with air, guidance channels edge-replicated)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from diffprobe.preprocessing.volumes import VolumeRef, read_region
+from diffprobe.probe.data import LabelledPatches, LabelledVolume
+
+
+def test_edge_read_repeats_the_nearest_voxel_and_fill_read_keeps_the_constant():
+    arr = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    start, size = np.array([-2, 1, -1]), (7, 4, 7)
+    edge = read_region(arr, start, size, fill=0.0, edge=True)
+    filled = read_region(arr, start, size, fill=-1.0)
+    zi = np.clip(np.arange(start[0], start[0] + size[0]), 0, 2)
+    yi = np.clip(np.arange(start[1], start[1] + size[1]), 0, 3)
+    xi = np.clip(np.arange(start[2], start[2] + size[2]), 0, 4)
+    np.testing.assert_array_equal(edge, arr[:, zi][:, :, yi][:, :, :, xi])
+    inside = (slice(None), slice(2, 5), slice(0, 3), slice(1, 6))
+    np.testing.assert_array_equal(filled[inside], edge[inside])
+    assert (filled[:, :2] == -1).all() and (filled[:, :, 3:] == -1).all()
+
+
+def test_an_axis_shorter_than_the_patch_is_centred_like_the_sliding_window():
+    ref = VolumeRef(Path("."), "slab", (9, 80, 90), (3.0, 1.5, 1.5))
+    vol = LabelledVolume(ref, {"1": [[4, 40, 45]]})
+    patches = LabelledPatches([vol], [24, 64, 64], 4, "none", oversample_foreground=0.5, seed=0)
+    rng = np.random.default_rng(0)
+    for foreground in (False, True):
+        for _ in range(5):
+            start = patches._start(vol, rng, foreground)
+            assert start[0] == -((24 - 9) // 2)  # sliding_window: before = (patch - n) // 2
+            assert 0 <= start[1] <= 80 - 64 and 0 <= start[2] <= 90 - 64
