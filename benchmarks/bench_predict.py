@@ -20,7 +20,8 @@ plan_and_preprocess with planner size class ``--size_class`` (it sets patch and 
 
 Timed, per volume, each in its own subprocess (wall time including start-up, model loading,
 preprocessing, prediction and writing the label map; peak RSS summed over the process tree):
-    diffprobe  ``diffprobe predict -device cpu``, and with ``--tta`` (mirroring over 3 axes); the
+    diffprobe  ``diffprobe predict -device cpu``, and with ``--tta`` (mirroring over 3 axes until issue 15;
+               now the noise ensemble, 4 draws per tile: docs/probe.md, benchmarks/bench_tta.py); the
                console script's entry point (diffprobe.cli.main) called through this script, which
                only adds a progress line every 5 s
     nnU-Net    ``nnUNetPredictor`` (step 0.5, Gaussian, CPU) through ``predict_from_files`` with
