@@ -55,29 +55,7 @@ def nnunet_worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    network, plans, config, dataset_json = nnunet_network()
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=False, device=torch.device("cpu"),
-                                verbose=False, allow_tqdm=False)
-    predictor.manual_initialization(network, plans, config, [network.state_dict()], dataset_json,
-                                    "nnUNetTrainer", inference_allowed_mirroring_axes=(0, 1, 2))
-    report, state = bench_predict.TileProgress(), {"forwards": 0, "tiles": 0}
-    get_slicers = predictor._internal_get_sliding_window_slicers
-
-    def slicers_with_progress(image_size):
-        slicers = get_slicers(image_size)
-        state.update(forwards=0, tiles=len(slicers))
-        report.start()
-        return slicers
-
-    def count_forward(_module, _inputs, _output) -> None:
-        state["forwards"] += 1
-        report(state["forwards"], state["tiles"])
-
-    predictor._internal_get_sliding_window_slicers = slicers_with_progress
-    network.register_forward_hook(count_forward)
+    predictor = bench_predict.nnunet_predictor_with_progress(NN_DATASET, mirroring=False)
     args.output.mkdir(parents=True, exist_ok=True)
     images = [[str(f)] for f in sorted(args.input.glob("*_0000.nii*"))]
     predictor.predict_from_files(images, str(args.output), save_probabilities=False, overwrite=True,
@@ -87,21 +65,9 @@ def nnunet_worker(args: argparse.Namespace) -> None:
 
 def nnunet_network():
     """nnU-Net's 3d_fullres network from its plans of the real-CT dataset, random weights (seed 0)."""
-    import torch
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    import bench_predict
 
-    pre = Path(os.environ["nnUNet_preprocessed"]) / NN_DATASET  # noqa: SIM112 (nnU-Net's name)
-    plans = PlansManager(str(pre / "nnUNetPlans.json"))
-    dataset_json = json.loads((pre / "dataset.json").read_text())
-    config = plans.get_configuration("3d_fullres")
-    torch.manual_seed(0)
-    network = get_network_from_plans(
-        config.network_arch_class_name, config.network_arch_init_kwargs,
-        config.network_arch_init_kwargs_req_import, determine_num_input_channels(plans, config, dataset_json),
-        plans.get_label_manager(dataset_json).num_segmentation_heads, allow_init=True, deep_supervision=False)
-    return network.eval(), plans, config, dataset_json
+    return bench_predict.nnunet_random_network(NN_DATASET)
 
 
 def flops_worker(args: argparse.Namespace) -> None:

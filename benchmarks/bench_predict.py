@@ -118,17 +118,15 @@ def diffprobe_cli(argv: list[str]) -> None:
     sys.exit(main(argv))
 
 
-def nnunet_worker(args: argparse.Namespace) -> None:
-    """Predict every image of --input into --output with a randomly initialised 3d_fullres nnU-Net."""
+def nnunet_random_network(dataset_name: str):
+    """nnU-Net's 3d_fullres network from its own plans of ``dataset_name``, random weights (seed 0);
+    returns (network in eval mode, plans manager, configuration, dataset.json)."""
     import torch
-
-    torch.set_num_threads(args.threads)
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    pre = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME  # noqa: SIM112 (nnU-Net's name)
+    pre = Path(os.environ["nnUNet_preprocessed"]) / dataset_name  # noqa: SIM112 (nnU-Net's name)
     plans = PlansManager(str(pre / "nnUNetPlans.json"))
     dataset_json = json.loads((pre / "dataset.json").read_text())
     config = plans.get_configuration("3d_fullres")
@@ -137,14 +135,23 @@ def nnunet_worker(args: argparse.Namespace) -> None:
         config.network_arch_class_name, config.network_arch_init_kwargs,
         config.network_arch_init_kwargs_req_import, determine_num_input_channels(plans, config, dataset_json),
         plans.get_label_manager(dataset_json).num_segmentation_heads, allow_init=True, deep_supervision=False)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.tta,
+    return network.eval(), plans, config, dataset_json
+
+
+def nnunet_predictor_with_progress(dataset_name: str, mirroring: bool):
+    """nnU-Net's own predictor around :func:`nnunet_random_network`, reporting tiles as it goes
+    (tiles from the slicer list, one tile = 1 forward, 8 with mirroring over 3 axes)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    network, plans, config, dataset_json = nnunet_random_network(dataset_name)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=False, device=torch.device("cpu"),
                                 verbose=False, allow_tqdm=False)
     predictor.manual_initialization(network, plans, config, [network.state_dict()], dataset_json,
                                     "nnUNetTrainer", inference_allowed_mirroring_axes=(0, 1, 2))
-    # progress: tiles from the slicer list, one tile = 1 forward (8 with mirroring over 3 axes)
     report, state = TileProgress(), {"forwards": 0, "tiles": 0}
-    forwards_per_tile = 8 if args.tta else 1
+    forwards_per_tile = 8 if mirroring else 1
     get_slicers = predictor._internal_get_sliding_window_slicers
 
     def slicers_with_progress(image_size):
@@ -160,6 +167,15 @@ def nnunet_worker(args: argparse.Namespace) -> None:
 
     predictor._internal_get_sliding_window_slicers = slicers_with_progress
     network.register_forward_hook(count_forward)
+    return predictor
+
+
+def nnunet_worker(args: argparse.Namespace) -> None:
+    """Predict every image of --input into --output with a randomly initialised 3d_fullres nnU-Net."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    predictor = nnunet_predictor_with_progress(DATASET_NAME, args.tta)
     args.output.mkdir(parents=True, exist_ok=True)
     # Explicit file lists: given a folder, nnU-Net forks a 12-process pool just to list it, and summing
     # the RSS of those short-lived copy-on-write forks would count the parent's memory 12 more times.
