@@ -75,7 +75,7 @@ def compare_models(kind: str, config: SweepConfig, models: list[str], legend: Ca
     _, plans, _ = preprocessed_cases(config.dataset)
     infos = {m: model_info(m) for m in models}
     for m in models:
-        check_timesteps([int(t) for t in plans["diffusion"]["feature_timesteps"]], model_meta(m), m)
+        check_timesteps([int(t) for t in plans["diffusion"]["feature_timesteps"]], m)
     sizes = class_sizes(config.dataset)
     groups = size_groups(sizes)
     classes = list(sizes)

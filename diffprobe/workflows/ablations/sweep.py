@@ -124,7 +124,7 @@ def model_meta(name: str) -> dict:
     return model.meta
 
 
-def check_timesteps(timesteps: list[int], meta: dict, name: str, option: str = "feature timestep(s)") -> None:
+def check_timesteps(timesteps: list[int], name: str, option: str = "feature timestep(s)") -> None:
     """Every timestep must lie in the schedule the pretrained model ``name`` was trained with
     (the same check and message as ``diffprobe train --t``: :meth:`PretrainedModel.check_timesteps`)."""
     from diffprobe.pretraining.pretrained_model import PretrainedModel

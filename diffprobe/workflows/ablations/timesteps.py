@@ -84,8 +84,8 @@ def ablate_timesteps(config: SweepConfig, timesteps: list[int] | None = None,
     meta = model_meta(pretrained)
     singles = list(dict.fromkeys(int(t) for t in (timesteps or DEFAULT_TIMESTEPS)))
     planned = [int(t) for t in plans["diffusion"]["feature_timesteps"]]
-    check_timesteps(singles, meta, pretrained, "--t")
-    check_timesteps(planned, meta, pretrained, "the plans' feature_timesteps")
+    check_timesteps(singles, pretrained, "--t")
+    check_timesteps(planned, pretrained, "the plans' feature_timesteps")
     sizes = class_sizes(config.dataset)
     groups = size_groups(sizes)
     classes = list(sizes)
