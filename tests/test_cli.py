@@ -85,3 +85,30 @@ def test_error_messages_are_printed_verbatim(capfd) -> None:
         assert "[low, high]" in err and "/data/[weird]/plans.json" in err and "use [0, 1]" in err
     finally:
         app.registered_commands[:] = [c for c in app.registered_commands if c.name != "_raise_bracketed"]
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["train", "-d", "1", "-f", "0", "1"], "-f"),
+    (["train", "-d", "1", "2", "-f", "0"], "-d"),
+    (["ablate", "controls", "-d", "1", "-f", "0", "-f", "1"], "-f"),
+])
+def test_single_value_option_given_twice_is_refused(argv, option, roots, capfd) -> None:
+    """`train -f 0 1` used to train fold 1 only, silently (click keeps the last value)."""
+    assert main(argv) == 1
+    err = capfd.readouterr().err
+    assert f"{option} takes one value, got 2" in err and "give" in err and "Traceback" not in err
+
+
+def test_predict_fold_spelled_with_a_leading_zero(roots, monkeypatch) -> None:
+    """`predict -f 01` selects fold_1, as `train -f 01` trains into fold_1 (was: 'not trained')."""
+    from diffprobe import paths
+    from diffprobe.predict.inputs import select_model
+
+    (roots["raw"] / "Dataset001_X").mkdir()
+    fold = paths.results_root() / "Dataset001_X" / paths.SUBFOLDER / "m__fpn" / "fold_1"
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_final.pt").write_bytes(b"x")
+    (fold / "probe.json").write_text("{}")
+    assert select_model(1, None, ["01", "1"]) == [fold]
+    with pytest.raises(Exception, match="fold\\(s\\) 2 of m__fpn are not trained"):
+        select_model(1, None, ["02"])

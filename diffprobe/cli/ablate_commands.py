@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from diffprobe.cli.app import app, command, console
+from diffprobe.cli.app import OneValueGroup, app, command, console
 
 if TYPE_CHECKING:  # the workflows are imported only when a command runs
     from diffprobe.workflows.ablations import SweepConfig
 
 ablate_app = typer.Typer(
+    cls=OneValueGroup,
     help="The paper's experiments (quick probes per feature timestep, guidance mode or backbone) and the "
          "controls (random init, no backbone, from scratch, fine-tune; Dice vs labelled cases); "
          "CSV + PNG in <results>/DatasetXXX/diffprobe/ablations/<kind>/.",

@@ -24,7 +24,25 @@ COMMAND_ORDER = ("plan_and_preprocess", "pretrain", "train", "predict", "evaluat
                  "export_model", "install_model")
 
 
-class PipelineOrderGroup(TyperGroup):
+class OneValueGroup(TyperGroup):
+    """A command group whose single-valued options refuse a second value."""
+
+    def resolve_command(self, ctx, args):  # noqa: ANN001, ANN201  (click's signature)
+        """Refuse a single-valued option given several values (``train -f 0 1``): click keeps the last
+        one silently, so a user asking for two folds would get one without a word."""
+        name, cmd, rest = super().resolve_command(ctx, args)
+        for param in getattr(cmd, "params", []):
+            if getattr(param, "multiple", True) or getattr(param, "is_flag", False) or not getattr(param, "opts", None):
+                continue
+            spellings = set(param.opts) | set(getattr(param, "secondary_opts", []))
+            given = [a for a in rest if a.split("=", 1)[0] in spellings]
+            if len(given) > 1:
+                raise DiffprobeError(f"{name}: {param.opts[0]} takes one value, got {len(given)}",
+                                     fix=f"give {param.opts[0]} once (run one command per value)")
+        return name, cmd, rest
+
+
+class PipelineOrderGroup(OneValueGroup):
     """The top-level group: commands of :data:`COMMAND_ORDER` in that order, any other after them
     (in registration order; hidden spellings such as ``plan-and-preprocess`` are not shown)."""
 
@@ -32,6 +50,7 @@ class PipelineOrderGroup(TyperGroup):
         names = super().list_commands(ctx)
         rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
         return sorted(names, key=lambda n: rank.get(n, len(rank)))  # stable: unknown ones keep their order
+
 
 
 app = typer.Typer(
