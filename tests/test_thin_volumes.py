@@ -35,3 +35,17 @@ def test_an_axis_shorter_than_the_patch_is_centred_like_the_sliding_window():
             start = patches._start(vol, rng, foreground)
             assert start[0] == -((24 - 9) // 2)  # sliding_window: before = (patch - n) // 2
             assert 0 <= start[1] <= 80 - 64 and 0 <= start[2] <= 90 - 64
+
+
+def test_pretraining_patches_centre_a_short_axis_too():
+    """Pretraining saw the shared labelled slab at the patch's top edge, prediction centres it."""
+    from diffprobe.pretraining.data import PatchBatches
+
+    thin = VolumeRef(Path("."), "slab", (9, 80, 90), (3.0, 1.5, 1.5))
+    thick = VolumeRef(Path("."), "body", (60, 80, 90), (3.0, 1.5, 1.5))
+    batches = PatchBatches([thin, thick], [24, 64, 64], 2, "none", augment=False)
+    rng = np.random.default_rng(0)
+    starts = [batches.start(ref, rng) for ref in (thin, thick) for _ in range(20)]
+    assert all(s[0] == -((24 - 9) // 2) for s in starts[:20])
+    assert len({int(s[0]) for s in starts[20:]}) > 5 and all(0 <= s[0] <= 60 - 24 for s in starts[20:])
+    assert all(0 <= s[1] <= 80 - 64 and 0 <= s[2] <= 90 - 64 for s in starts)

@@ -11,7 +11,7 @@ cropped and transformed together with the image so they stay voxel-aligned.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,21 @@ def step_rng(seed: int, step: int, rank: int, stream: int = 0) -> np.random.Gene
     return np.random.default_rng(np.random.SeedSequence([seed, step, rank, stream]))
 
 
+def centre_short_axes(start: np.ndarray, shape: Sequence[int], patch: Sequence[int]) -> np.ndarray:
+    """``start`` with every axis shorter than the patch set so that the volume sits centred in the patch.
+
+    Why: the sliding window pads a short axis on both sides (nnU-Net's ``pad_nd_image``), so at
+    prediction a thin slab (the shared labelled CT: 9 slices at 3 mm in a 24-slice patch) is centred.
+    Pretraining and probe training that put it at the patch's top edge fed the denoiser inputs it
+    never sees at prediction.
+    """
+    shape_a, patch_a = np.asarray(shape), np.asarray(patch)
+    out = np.array(start, dtype=int)
+    short = shape_a < patch_a
+    out[short] = -((patch_a[short] - shape_a[short]) // 2)
+    return out
+
+
 class PatchBatches:
     """``batch(step)`` -> {'image': (B,1,z,y,x), 'guidance': (B,G,z,y,x) or None}."""
 
@@ -62,12 +77,16 @@ class PatchBatches:
     def guidance_channels(self) -> int:
         return guidance_channels(self.guidance)
 
+    def start(self, ref: VolumeRef, rng: np.random.Generator) -> np.ndarray:
+        """A uniform random patch start; an axis shorter than the patch sits centred in it."""
+        span = np.maximum(np.array(ref.shape) - np.array(self.patch), 0)
+        return centre_short_axes(np.array([int(rng.integers(0, s + 1)) for s in span]), ref.shape, self.patch)
+
     def _patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
         ref = self.volumes[int(rng.integers(len(self.volumes)))]
         margin = np.array([max(2, p // 6) for p in self.patch]) if self.augment else np.zeros(3, int)
         region = tuple(int(p + 2 * m) for p, m in zip(self.patch, margin))
-        span = np.maximum(np.array(ref.shape) - np.array(self.patch), 0)
-        start = np.array([int(rng.integers(0, s + 1)) for s in span]) - margin
+        start = self.start(ref, rng) - margin
         image = read_region(open_array(ref.data_path), start, region, fill=-1.0)
         guide = patch_guidance(self.guidance, ref, start, region)
         stack = image if guide is None else np.concatenate([image, guide])

@@ -63,12 +63,9 @@ class LabelledPatches:
             start = np.clip(centre - patch // 2, 0, span)
         else:
             start = np.array([int(rng.integers(0, s + 1)) for s in span])
-        # an axis shorter than the patch sits centred in it, as the sliding window pads it (nnU-Net's
-        # pad_nd_image): a slab at the patch's top edge in training but centred at prediction gave the
-        # denoiser other inputs than it was probed on
-        short = shape < patch
-        start[short] = -((patch[short] - shape[short]) // 2)
-        return start
+        # a slab at the patch's top edge in training but centred at prediction gave the denoiser other
+        # inputs than it was probed on
+        return pdata.centre_short_axes(start, shape, patch)
 
     def patch_at(self, vol: LabelledVolume, start: np.ndarray) -> dict:
         ref = vol.ref
