@@ -47,11 +47,12 @@ class LabelledPatches:
     """``batch(step)`` -> image (B,1,z,y,x), seg (B,z,y,x) int64, guidance or None, seeds (list of int)."""
 
     def __init__(self, volumes: list[LabelledVolume], patch_size: list[int], batch_size: int, guidance: str,
-                 oversample_foreground: float = 0.33, seed: int = 0, rank: int = 0):
+                 oversample_foreground: float = 0.33, seed: int = 0, rank: int = 0, guidance_shift: float = 0.0):
         if not volumes:
             raise ValueError("no labelled volumes")
         self.volumes, self.patch, self.batch_size = volumes, tuple(int(p) for p in patch_size), batch_size
         self.guidance, self.oversample, self.seed, self.rank = guidance, oversample_foreground, seed, rank
+        self.guidance_shift = float(guidance_shift)
 
     def _start(self, vol: LabelledVolume, rng: np.random.Generator, foreground: bool) -> np.ndarray:
         shape, patch = np.array(vol.ref.shape), np.array(self.patch)
@@ -63,16 +64,18 @@ class LabelledPatches:
             start = np.clip(centre - patch // 2, 0, span)
         else:
             start = np.array([int(rng.integers(0, s + 1)) for s in span])
-        # a slab at the patch's top edge in training but centred at prediction gave the denoiser other
-        # inputs than it was probed on
-        return pdata.centre_short_axes(start, shape, patch)
+        # an axis shorter than the patch at a random place inside it: every placement the sliding
+        # window's centring can give, never one fixed one (pretraining.data.place_short_axes)
+        return pdata.place_short_axes(start, shape, patch, rng)
 
-    def patch_at(self, vol: LabelledVolume, start: np.ndarray) -> dict:
+    def patch_at(self, vol: LabelledVolume, start: np.ndarray, shift: np.ndarray | None = None) -> dict:
         ref = vol.ref
         seed = patch_seed(ref.identifier, start)
         image = pdata.read_region(open_array(ref.data_path), start, self.patch, fill=-1.0)
         seg = pdata.read_region(open_array(vol.seg_path), start, self.patch, fill=0.0)[0]
         guide = patch_guidance(self.guidance, ref, start, self.patch)
+        if guide is not None and shift is not None:
+            guide = guide + shift.astype(np.float32)[:, None, None, None]
         return {"image": image, "seg": seg.astype(np.int64), "guidance": guide, "seed": seed}
 
     def batch(self, step: int) -> dict:
@@ -81,7 +84,11 @@ class LabelledPatches:
         items = []
         for i in range(self.batch_size):
             vol = self.volumes[int(rng.integers(len(self.volumes)))]
-            items.append(self.patch_at(vol, self._start(vol, rng, foreground=i >= n_random)))
+            start = self._start(vol, rng, foreground=i >= n_random)
+            shift = None
+            if self.guidance_shift > 0:  # drawn only when asked: batches without it stay as they were
+                shift = rng.uniform(-self.guidance_shift, self.guidance_shift, 3)
+            items.append(self.patch_at(vol, start, shift))
         return collate(items) | {"step": step}
 
 

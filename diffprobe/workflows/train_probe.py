@@ -47,7 +47,7 @@ from diffprobe.utils import read_json, write_json
 PROBE_DEFAULTS: dict[str, Any] = {
     "steps": 1000, "batch_size": 2, "lr": 2e-2, "finetune_lr": 1e-4, "width": 32, "warmup_steps": 20,
     "checkpoint_every": 100, "validate_every": 100, "val_patches": 8, "oversample_foreground": 0.5,
-    "levels": None, "pool_patches": 64, "pool_refresh": 250, "pool_gb": 4.0,
+    "levels": None, "pool_patches": 64, "pool_refresh": 250, "pool_gb": 4.0, "guidance_shift": 0.0,
 }
 PLANNED_KEYS = ("steps", "lr", "width", "batch_size")
 
@@ -231,7 +231,7 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
     val_vols = labelled_volumes([by_id[i] for i in val_ids])
     rank = dist_utils.rank()
     source = LabelledPatches(train_vols, patch, cfg["batch_size"], pmeta["guidance"], cfg["oversample_foreground"],
-                             seed, rank)
+                             seed, rank, guidance_shift=cfg["guidance_shift"])
     validation = PatchValidation(probe, LabelledPatches(val_vols, patch, cfg["val_patches"], pmeta["guidance"], 1.0,
                                                         seed + 1), labels, cfg["batch_size"])
     tcfg = TrainerConfig(total_steps=cfg["steps"], lr=cfg["finetune_lr"] if finetune else cfg["lr"],
