@@ -54,3 +54,20 @@ def test_pretraining_patches_place_a_short_axis_anywhere_too():
     assert {int(s[0]) for s in starts[:20]} <= set(range(-(24 - 9), 1)) and len({int(s[0]) for s in starts[:20]}) > 5
     assert len({int(s[0]) for s in starts[20:]}) > 5 and all(0 <= s[0] <= 60 - 24 for s in starts[20:])
     assert all(0 <= s[1] <= 80 - 64 and 0 <= s[2] <= 90 - 64 for s in starts)
+
+
+def test_guidance_shift_moves_each_patch_channel_by_one_constant(monkeypatch):
+    """``guidance_shift``: every training patch's guidance channel offset by one uniform draw in
+    [-shift, shift] (the BPR's offset moves with the field of view); none without it."""
+    import diffprobe.probe.data as probe_data
+
+    monkeypatch.setattr(probe_data, "open_array", lambda path: np.zeros((1, 9, 80, 90), np.float32))
+    monkeypatch.setattr(probe_data, "patch_guidance",
+                        lambda mode, ref, start, size: np.zeros((3, *size), np.float32))
+    ref = VolumeRef(Path("."), "slab", (9, 80, 90), (3.0, 1.5, 1.5))
+    vol = LabelledVolume(ref, {"1": [[4, 40, 45]]})
+    plain = LabelledPatches([vol], [24, 64, 64], 4, "bpr", 0.5, seed=0).batch(3)["guidance"]
+    assert (plain == 0).all()
+    g = LabelledPatches([vol], [24, 64, 64], 4, "bpr", 0.5, seed=0, guidance_shift=0.5).batch(3)["guidance"]
+    lo, hi = g.amin(dim=(2, 3, 4)), g.amax(dim=(2, 3, 4))
+    assert (lo == hi).all() and (hi.abs() <= 0.5).all() and len(set(hi.flatten().tolist())) == 12
