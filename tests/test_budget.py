@@ -107,7 +107,8 @@ def test_record_in_plans():
     assert plans["size_class"] == rec["chosen"] == "cpu"
     for stage in budget.STAGES:
         assert plans["training"][stage]["steps"] == rec["steps"][stage]
-        assert rec["planned_seconds"][stage] == pytest.approx(rec["steps"][stage] * TIMINGS["cpu"][stage], abs=0.1)
+        assert rec["planned_seconds"][stage] == pytest.approx(
+            rec["steps"][stage] * TIMINGS["cpu"][stage] * budget.RUN_OVERHEAD[stage], abs=0.1)
     assert rec["planned_seconds"]["total"] == pytest.approx(sum(rec["planned_seconds"][s] for s in budget.STAGES))
     json.dumps(plans)  # the record is plain JSON
 

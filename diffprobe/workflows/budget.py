@@ -28,7 +28,9 @@ whose pretraining (BPR + diffusion) plus probe training take about 30 minutes he
 3. **Split**: of the budget, ``SPLIT`` = BPR 15 %, diffusion 60 %, probe 20 %, and 5 %
    margin for what the step times do not hold (process start-up, BPR-map inference,
    checkpoints, plots, the final sliding-window validation). Steps per stage =
-   floor(stage seconds / measured seconds per step). BPR and probe steps are capped at
+   floor(stage seconds / (measured seconds per step x ``RUN_OVERHEAD``)): a real run's steps are
+   slower than the timed ones (loader contention over an hour, logging, checkpoints; measured per
+   stage on the shared real CTs). BPR and probe steps are capped at
    ``CAP_FACTOR`` x the class's own default (more steps of these small networks buy little);
    the seconds a cap frees go to diffusion. Steps fixed by the user this run
    (``--override training.<stage>.steps=N``) are kept and paid for first.
@@ -77,6 +79,12 @@ from diffprobe.workflows.step_timing import (  # noqa: F401  (PROBE_POOL_DEFAULT
 STAGES = ("bpr", "diffusion", "probe")
 SPLIT: dict[str, float] = {"bpr": 0.15, "diffusion": 0.60, "probe": 0.20}
 MARGIN = 0.05  # start-up, BPR maps, checkpoints, plots, final validation
+# Seconds a real training step takes per second of its timed step, per stage. Why: the timed steps run
+# alone for a few seconds; a real run shares the cores with its loader process for an hour, logs,
+# checkpoints and evaluates. Measured on the shared real CTs (2-core CPU, idle machine, `cpu` class
+# planned for 60 min): BPR 0.265 s/step real vs 0.162 timed (1.6x), diffusion 0.697 vs 0.590 (1.2x),
+# probe 648 s for 2000 steps vs 629 planned, final validation included (1.0x); the 60-min plan took 69.
+RUN_OVERHEAD: dict[str, float] = {"bpr": 1.6, "diffusion": 1.2, "probe": 1.0}
 MIN_STEPS: dict[str, int] = {"bpr": 100, "diffusion": 300, "probe": 500}
 MIN_FRACTION = 0.25  # of the class's default steps: a class below this is too short-trained to choose
 CAP_FACTOR: dict[str, float | None] = {"bpr": 2.0, "diffusion": None, "probe": 2.0}
@@ -107,6 +115,7 @@ def allocate(budget_minutes: float, seconds_per_step: dict[str, float], size_cla
     stages share what is left in proportion to ``SPLIT``.
     """
     fixed = {s: int(v) for s, v in (fixed_steps or {}).items() if s in STAGES}
+    seconds_per_step = {s: seconds_per_step[s] * RUN_OVERHEAD[s] for s in STAGES}  # what a real step costs
     usable = budget_minutes * 60.0 * (1.0 - MARGIN)
     free = [s for s in STAGES if s not in fixed]
     left = max(0.0, usable - sum(fixed[s] * seconds_per_step[s] for s in fixed))
@@ -278,7 +287,7 @@ def plan_for_budget(fingerprint: dict, previous: dict | None, plan_kwargs: dict,
         # the denoiser's step alone tells when even the whole budget cannot buy its minimum steps (the
         # smallest candidate is always timed in full: it is planned when nothing fits)
         limit = None if "diffusion" in fixed or not rows else \
-            budget_minutes * 60.0 * (1.0 - MARGIN) / min_steps(name)["diffusion"]
+            budget_minutes * 60.0 * (1.0 - MARGIN) / min_steps(name)["diffusion"] / RUN_OVERHEAD["diffusion"]
         cached = cache.get(key)
         if step_seconds is not None and name in step_seconds:
             measured, how = dict(step_seconds[name]), "injected"
@@ -326,9 +335,11 @@ def plan_for_budget(fingerprint: dict, previous: dict | None, plan_kwargs: dict,
         "minutes": budget_minutes, "device": dev, "torch_threads": torch.get_num_threads(), "cpu_cores": _cores(),
         "load_average": None if load is None else round(load, 2),
         "rule": "largest candidate whose steps reach max(min_steps, min_fraction x class default) in every stage; "
-                "steps = floor(stage seconds / seconds per step); BPR and probe capped at cap_factor x the class "
+                "steps = floor(stage seconds / (seconds per timed step x run_overhead)); "
+                "BPR and probe capped at cap_factor x the class "
                 "default, the freed seconds go to diffusion",
-        "split": {**SPLIT, "margin": MARGIN}, "min_steps": MIN_STEPS, "min_fraction": MIN_FRACTION,
+        "split": {**SPLIT, "margin": MARGIN}, "run_overhead": RUN_OVERHEAD, "min_steps": MIN_STEPS,
+        "min_fraction": MIN_FRACTION,
         "cap_factor": CAP_FACTOR, "candidates": rows, "chosen": names[chosen], "steps": alloc["steps"],
         "planned_seconds": alloc["planned_seconds"],
         "planned_minutes": round(alloc["planned_seconds"]["total"] / 60.0, 2),
