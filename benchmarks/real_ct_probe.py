@@ -16,6 +16,8 @@ trains further probes on its pretrained model (or a control) and scores each on:
     python benchmarks/real_ct_probe.py --work /tmp/realct --name realct__lr5e3 --override lr=0.005
     python benchmarks/real_ct_probe.py --work /tmp/realct --name realct__nobackbone --extractor input
     python benchmarks/real_ct_probe.py --work /tmp/realct --name realct__random --pretrained realct_random_init
+    python benchmarks/real_ct_probe.py --work /tmp/realct --name zjit --score_only --tta 4       # TTA, same probe
+    python benchmarks/real_ct_probe.py --work /tmp/realct --name zjit --score_only --precision bf16
 
 Appends one JSON line per probe to ``<work>/real_ct_probes.jsonl`` and prints it.
 """
@@ -40,11 +42,13 @@ def _value(text: str):
         return text
 
 
-def score_cut_images(work: Path, config: str, cut: int, lengths: list[int], labels: dict[str, int]) -> dict:
+def score_cut_images(work: Path, config: str, cut: int, lengths: list[int], labels: dict[str, int],
+                     tta: int = 0, precision: str = "fp32") -> dict:
     """Predict the labelled image cut to its first N slices; Dice on its training and held-out slices."""
     import SimpleITK as sitk
 
     from diffprobe.evaluation.evaluate import evaluate_folders
+    from diffprobe.predict.acceleration import InferenceSettings
     from diffprobe.predict.predictor import predict
 
     image = sitk.ReadImage(str(LABELLED / "abdomen_dicom_0000.nii.gz"))
@@ -53,10 +57,14 @@ def score_cut_images(work: Path, config: str, cut: int, lengths: list[int], labe
             "heldout": sitk.ReadImage(str(raw / "labelsTs" / "abdomenslab.nii.gz"))}
     rows = {}
     for n in lengths:
-        base = work / "cut_images" / config / f"n{n}"
+        mode = ("none" if not tta else f"tta{tta}") + ("" if precision == "fp32" else f"_{precision}")
+        base = work / "cut_images" / config / mode / f"n{n}"
         (base / "img").mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image[:, :, :n], str(base / "img" / "abdomen_0000.nii.gz"))
-        predict(base / "img", base / "pred", DATASET, config, ["all"], "cpu", show_progress=False)
+        started = time.perf_counter()
+        predict(base / "img", base / "pred", DATASET, config, ["all"], "cpu", show_progress=False, tta=tta or False,
+                settings=InferenceSettings(precision=precision))
+        rows[f"full_n{n}_seconds"] = round(time.perf_counter() - started, 1)
         pred = sitk.ReadImage(str(base / "pred" / "abdomen.nii.gz"))
         parts = {"train": (slice(0, min(n, cut)), refs["train"][:, :, :min(n, cut)])}
         if n > cut:
@@ -81,6 +89,10 @@ def main() -> None:
     ap.add_argument("--override", nargs="*", default=[], help="probe settings, e.g. lr=0.005 steps=2000")
     ap.add_argument("--lengths", type=int, nargs="*", default=[14, 16, 18, 20])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--score_only", action="store_true", help="score the trained configuration --name again "
+                    "(with --tta / --precision) instead of training it")
+    ap.add_argument("--tta", type=int, default=0, help="predict with the noise ensemble of this many draws")
+    ap.add_argument("--precision", default="fp32", help="fp32 or bf16 (predict -precision)")
     args = ap.parse_args()
     work = args.work.resolve()
     for kind in ("raw", "preprocessed", "results"):
@@ -97,22 +109,30 @@ def main() -> None:
     overrides = {k: _value(v) for k, v in overrides.items()}
     started = time.perf_counter()
     cpu0 = os.times()
-    result = train_probe(DATASET, "all", args.pretrained, overrides=overrides, configuration=args.name,
-                         extractor=args.extractor, seed=args.seed, show_progress=False)
-    train_seconds = time.perf_counter() - started
     raw = work / "raw" / DATASET
     labels = json.loads((raw / "dataset.json").read_text())["labels"]
-    alone = work / "pred_alone" / args.name
-    predict(raw / "imagesTs", alone, DATASET, args.name, ["all"], "cpu", show_progress=False)
-    evaluate_folders(raw / "labelsTs", alone, labels, output=alone / "summary.json", show_progress=False)
     import SimpleITK as sitk
 
+    from diffprobe import paths
+
     cut = sitk.ReadImage(str(raw / "labelsTr" / "abdomen.nii.gz")).GetSize()[2]  # slices of the training slab
-    rows = {"fit": dice_row(result.folder / "validation" / "summary.json"),
-            "heldout_alone": dice_row(alone / "summary.json")}
-    rows |= score_cut_images(work, args.name, cut, args.lengths, labels)
+    rows: dict = {}
+    if not args.score_only:
+        result = train_probe(DATASET, "all", args.pretrained, overrides=overrides, configuration=args.name,
+                             extractor=args.extractor, seed=args.seed, show_progress=False)
+        rows["fit"] = dice_row(result.folder / "validation" / "summary.json")
+        alone = work / "pred_alone" / args.name
+        predict(raw / "imagesTs", alone, DATASET, args.name, ["all"], "cpu", show_progress=False)
+        evaluate_folders(raw / "labelsTs", alone, labels, output=alone / "summary.json", show_progress=False)
+        rows["heldout_alone"] = dice_row(alone / "summary.json")
+    elif not (paths.results_root() / DATASET / paths.SUBFOLDER / args.name / "fold_all"
+              / "checkpoint_final.pt").is_file():
+        sys.exit(f"--score_only: configuration {args.name} is not trained in {work}")
+    train_seconds = time.perf_counter() - started
+    rows |= score_cut_images(work, args.name, cut, args.lengths, labels, args.tta, args.precision)
     cpu1 = os.times()
     line = {"name": args.name, "pretrained": args.pretrained, "extractor": args.extractor, "overrides": overrides,
+            "score_only": args.score_only, "tta": args.tta, "precision": args.precision,
             "seed": args.seed, "train_seconds": round(train_seconds, 1),
             "cpu_seconds": round(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 1),
             "load_average": round(os.getloadavg()[0], 2), "rows": rows}
@@ -120,6 +140,8 @@ def main() -> None:
         f.write(json.dumps(line) + "\n")
     print(f"{'row':<20}{'mean':>7}  per organ")
     for name, row in rows.items():
+        if not isinstance(row, dict):
+            continue
         print(f"{name:<20}{row['mean']:>7.3f}  " + " ".join(f"{k[:6]}={v:.2f}" for k, v in row.items() if k != "mean"))
 
 
