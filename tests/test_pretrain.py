@@ -64,7 +64,7 @@ def test_pretrain_cli_bpr_then_diffusion(use_phantom_roots):
     assert len(list((out / "bpr_maps" / "Dataset001_Phantoms").glob("*.b2nd"))) == 5
     # an existing name is refused without --c; --c extends the budget
     assert main(args) == 1
-    assert main([*args[:-7], "--bpr_steps", "6", "--diffusion_steps", "6", "--num_workers", "0", "--batch_size", "2",
+    assert main([*args[:5], "--bpr_steps", "6", "--diffusion_steps", "6", "--num_workers", "0", "--batch_size", "2",
                  "--c"]) == 0
     assert load_checkpoint(out / "diffusion" / "checkpoint_final.pt")["step"] == 6
     # sampling check: DDIM and DDPM patches next to real ones
