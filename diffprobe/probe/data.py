@@ -5,7 +5,9 @@ uses a third) is centred on a foreground voxel of a
 randomly chosen class present in the case (``oversample_foreground``), so small organs are
 seen often; the rest are uniform random crops. No augmentation: the probe is trained on a
 frozen feature extractor whose noise is fixed per patch position, and the phantom / CT
-anatomy is not mirror-symmetric. Each patch carries its noise seed (case + start: fresh noise
+anatomy is not mirror-symmetric. Two exceptions: an axis shorter than the patch lies at a random
+place inside it (``pretraining.data.place_short_axes``), and ``guidance_shift`` (default 0)
+offsets each patch's guidance channels by one uniform draw. Each patch carries its noise seed (case + start: fresh noise
 per case); the predictor seeds by tile start alone (``features.inference_seed``), so that a
 prediction never depends on the case's name.
 """
