@@ -17,6 +17,10 @@ legitimate transductive use, but off by default so the number is strictly "never
     python benchmarks/real_ct.py --work /tmp/realct --budget_minutes 60
     python benchmarks/real_ct.py --work /tmp/realct --size_class tiny --bpr_steps 50 --diffusion_steps 50 \
         --probe_steps 200    # a quick look
+
+The held-out slab alone is 4 slices at 3 mm, thinner than any scan a user segments; the fairer
+proxy (the labelled image cut to 14..20 slices, scored on its training and held-out slices) and
+the controls on the same pretrained model are in ``benchmarks/real_ct_probe.py``.
 """
 
 from __future__ import annotations
