@@ -242,12 +242,6 @@ class Trainer:
                 except BaseException as e:  # one rank's error anywhere in the step (a peer lost in the gradient
                     # all-reduce, a signal, a log write): announced, so that every rank stops with it
                     dist_utils.stop_together(f"{self.name} step {self.step}", e)
-        # the loader's processes are joined now, in the normal flow: left to the iterator's __del__, a
-        # Ctrl-C arriving while they are joined (seconds) was raised inside __del__, ignored by Python,
-        # and the run exited 0 as if never interrupted (seen in tests/test_kill_resume.py's Ctrl-C runs)
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
         self.save(self.latest_path)
         self.save(self.final_path)
         if main:
