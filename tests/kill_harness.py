@@ -135,6 +135,10 @@ class _VersionWatch:
         return self.new
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_attempt(argv: list[str], env: dict[str, str], cwd: Path, point: KillPoint | None = None,
                 watch_outputs: Sequence[Path] = (), timeout_s: float = 600) -> Attempt:
     """Run ``python -m diffprobe ARGV`` in its own process group, stopping it at ``point``."""
@@ -142,7 +146,11 @@ def run_attempt(argv: list[str], env: dict[str, str], cwd: Path, point: KillPoin
     watch = _VersionWatch(cwd, point.after) if point is not None and point.after else None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, start_new_session=True)
+        # SIGINT back to its default in the child: a test run started in the background (`pytest &`
+        # from a script) has SIGINT ignored, children inherit that, and Python then never installs
+        # its Ctrl-C handler; the Ctrl-C attempts simulate a foreground terminal
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, start_new_session=True,
+                                preexec_fn=_default_sigint)
         clock = None if watch is not None else t0
         sent = first_output = None
         try:
