@@ -52,7 +52,6 @@ class PipelineOrderGroup(OneValueGroup):
         return sorted(names, key=lambda n: rank.get(n, len(rank)))  # stable: unknown ones keep their order
 
 
-
 app = typer.Typer(
     name="diffprobe",
     cls=PipelineOrderGroup,

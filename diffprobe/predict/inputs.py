@@ -48,9 +48,12 @@ def select_model(dataset: str | int | None, configuration: str | None,
                              "train one with `diffprobe train -d ID -f FOLD`" if not found
                              else "choose one with -d and -c")
     (name, config), available = next(iter(found.items()))
-    # as train names its folders (probe.splits.parse_fold): "-f 01" is fold_1; "-1" stays "-1", no fold
-    folds = list(dict.fromkeys(str(int(f)) if f.isascii() and f.isdigit() else f for f in folds)) if folds \
-        else available
+    from diffprobe.probe.splits import parse_fold
+
+    # named as train names its folders ("-f 01" is fold_1); anything else ("-1") is kept, to be
+    # reported below as a fold that is not trained
+    folds = list(dict.fromkeys(parse_fold(f) if f == "all" or (f.isascii() and f.isdigit()) else f
+                               for f in folds)) if folds else available
     missing = [f for f in folds if f not in available]
     if missing:
         raise DiffprobeError(f"fold(s) {', '.join(missing)} of {config} are not trained (available: "

@@ -7,9 +7,9 @@ seen often; the rest are uniform random crops. No augmentation: the probe is tra
 frozen feature extractor whose noise is fixed per patch position, and the phantom / CT
 anatomy is not mirror-symmetric. Two exceptions: an axis shorter than the patch lies at a random
 place inside it (``pretraining.data.place_short_axes``), and ``guidance_shift`` (default 0)
-offsets each patch's guidance channels by one uniform draw. Each patch carries its noise seed (case + start: fresh noise
-per case); the predictor seeds by tile start alone (``features.inference_seed``), so that a
-prediction never depends on the case's name.
+offsets each patch's guidance channels by one uniform draw. Each patch carries its noise seed
+(case + start: fresh noise per case); the predictor seeds by tile start alone
+(``features.inference_seed``), so that a prediction never depends on the case's name.
 """
 
 from __future__ import annotations

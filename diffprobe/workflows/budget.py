@@ -335,12 +335,11 @@ def plan_for_budget(fingerprint: dict, previous: dict | None, plan_kwargs: dict,
         "minutes": budget_minutes, "device": dev, "torch_threads": torch.get_num_threads(), "cpu_cores": _cores(),
         "load_average": None if load is None else round(load, 2),
         "rule": "largest candidate whose steps reach max(min_steps, min_fraction x class default) in every stage; "
-                "steps = floor(stage seconds / (seconds per timed step x run_overhead)); "
-                "BPR and probe capped at cap_factor x the class "
-                "default, the freed seconds go to diffusion",
+                "steps = floor(stage seconds / (seconds per timed step x run_overhead)); BPR and probe capped at "
+                "cap_factor x the class default, the freed seconds go to diffusion",
         "split": {**SPLIT, "margin": MARGIN}, "run_overhead": RUN_OVERHEAD, "min_steps": MIN_STEPS,
-        "min_fraction": MIN_FRACTION,
-        "cap_factor": CAP_FACTOR, "candidates": rows, "chosen": names[chosen], "steps": alloc["steps"],
+        "min_fraction": MIN_FRACTION, "cap_factor": CAP_FACTOR, "candidates": rows, "chosen": names[chosen],
+        "steps": alloc["steps"],
         "planned_seconds": alloc["planned_seconds"],
         "planned_minutes": round(alloc["planned_seconds"]["total"] / 60.0, 2),
         "timing_seconds": round(time.perf_counter() - t_start, 2), "notes": notes,
