@@ -3,9 +3,10 @@
 Like nnU-Net's loader, the last part of every batch (``oversample_foreground``: default half; nnU-Net
 uses a third) is centred on a foreground voxel of a
 randomly chosen class present in the case (``oversample_foreground``), so small organs are
-seen often; the rest are uniform random crops. No augmentation: the probe is trained on a
-frozen feature extractor whose noise is fixed per patch position, and the phantom / CT
-anatomy is not mirror-symmetric. Two exceptions: an axis shorter than the patch lies at a random
+seen often; the rest are uniform random crops. Augmentation: ``augment``
+(:class:`diffprobe.probe.augment.SpatialAugment`, drawn from a stream of its own so the crops are
+the same with and without it) rotates and zooms image, labels and guidance together; no
+mirroring (the anatomy is not left-right symmetric). An axis shorter than the patch lies at a random
 place inside it (``pretraining.data.place_short_axes``), and ``guidance_shift`` (default 0)
 offsets each patch's guidance channels by one uniform draw. Each patch carries its noise seed
 (case + start: fresh noise per case); the predictor seeds by tile start alone
@@ -22,6 +23,7 @@ import torch
 from diffprobe.guidance import patch_guidance
 from diffprobe.preprocessing.storage import case_paths, open_array
 from diffprobe.pretraining import data as pdata
+from diffprobe.probe.augment import SpatialAugment, augmented_region
 from diffprobe.probe.features import patch_seed
 from diffprobe.utils import read_json
 
@@ -49,12 +51,14 @@ class LabelledPatches:
     """``batch(step)`` -> image (B,1,z,y,x), seg (B,z,y,x) int64, guidance or None, seeds (list of int)."""
 
     def __init__(self, volumes: list[LabelledVolume], patch_size: list[int], batch_size: int, guidance: str,
-                 oversample_foreground: float = 0.33, seed: int = 0, rank: int = 0, guidance_shift: float = 0.0):
+                 oversample_foreground: float = 0.33, seed: int = 0, rank: int = 0, guidance_shift: float = 0.0,
+                 augment: SpatialAugment | None = None):
         if not volumes:
             raise ValueError("no labelled volumes")
         self.volumes, self.patch, self.batch_size = volumes, tuple(int(p) for p in patch_size), batch_size
         self.guidance, self.oversample, self.seed, self.rank = guidance, oversample_foreground, seed, rank
         self.guidance_shift = float(guidance_shift)
+        self.augment = augment if augment is not None and augment.p > 0 else None
 
     def _start(self, vol: LabelledVolume, rng: np.random.Generator, foreground: bool) -> np.ndarray:
         shape, patch = np.array(vol.ref.shape), np.array(self.patch)
@@ -70,18 +74,31 @@ class LabelledPatches:
         # window's centring can give, never one fixed one (pretraining.data.place_short_axes)
         return pdata.place_short_axes(start, shape, patch, rng)
 
-    def patch_at(self, vol: LabelledVolume, start: np.ndarray, shift: np.ndarray | None = None) -> dict:
+    def patch_at(self, vol: LabelledVolume, start: np.ndarray, shift: np.ndarray | None = None,
+                 matrix: np.ndarray | None = None) -> dict:
+        """The patch at ``start``; ``matrix`` (``SpatialAugment.draw``) resamples it rotated / zoomed."""
         ref = vol.ref
         seed = patch_seed(ref.identifier, start)
-        image = pdata.read_region(open_array(ref.data_path), start, self.patch, fill=-1.0)
-        seg = pdata.read_region(open_array(vol.seg_path), start, self.patch, fill=0.0)[0]
-        guide = patch_guidance(self.guidance, ref, start, self.patch)
+        readers = {
+            "image": lambda at, size: pdata.read_region(open_array(ref.data_path), at, size, fill=-1.0),
+            "seg": lambda at, size: pdata.read_region(open_array(vol.seg_path), at, size, fill=0.0),
+            "guidance": lambda at, size: patch_guidance(self.guidance, ref, at, size),
+        }
+        if matrix is None:
+            image, seg, guide = (read(start, self.patch) for read in readers.values())
+        else:
+            image = augmented_region(readers["image"], start, self.patch, matrix, order=1)
+            seg = augmented_region(readers["seg"], start, self.patch, matrix, order=0)
+            guide = (augmented_region(readers["guidance"], start, self.patch, matrix, order=1)
+                     if self.guidance != "none" else None)
+        seg = seg[0]
         if guide is not None and shift is not None:
             guide = guide + shift.astype(np.float32)[:, None, None, None]
         return {"image": image, "seg": seg.astype(np.int64), "guidance": guide, "seed": seed}
 
     def batch(self, step: int) -> dict:
         rng = pdata.step_rng(self.seed, step, self.rank, stream=2)
+        aug_rng = pdata.step_rng(self.seed, step, self.rank, stream=3)
         n_random = round(self.batch_size * (1 - self.oversample))
         items = []
         for i in range(self.batch_size):
@@ -90,7 +107,8 @@ class LabelledPatches:
             shift = None
             if self.guidance_shift > 0:  # drawn only when asked: batches without it stay as they were
                 shift = rng.uniform(-self.guidance_shift, self.guidance_shift, 3)
-            items.append(self.patch_at(vol, start, shift))
+            matrix = self.augment.draw(aug_rng, vol.ref.spacing) if self.augment else None
+            items.append(self.patch_at(vol, start, shift, matrix))
         return collate(items) | {"step": step}
 
 
