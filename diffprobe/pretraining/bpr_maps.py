@@ -35,7 +35,7 @@ from diffprobe.training import distributed as dist_utils
 from diffprobe.training.checkpoint import load_checkpoint
 from diffprobe.utils import read_json, write_json
 
-STAMP_FORMAT = 1
+STAMP_FORMAT = 2  # 2: z padded by repeated slices (bpr.model.predict_coordinates)
 
 
 def map_path(ref: VolumeRef, out: Path) -> Path:

@@ -1,0 +1,124 @@
+"""Probes of ``benchmarks/real_ct.py``'s work folder on whole real CTs whose labels nobody has.
+
+The project lead scores other patients' whole abdominal CTs; our only labelled case is a 20-slice
+slab. This script predicts the three unlabelled real CTs of ``../shared/data/real-ct-unlabelled``
+(chest-to-pelvis and upper-abdomen scans, other scanners, other patients; their images were in
+pretraining, their labels exist nowhere) and reports what can be checked without labels, per
+organ: volume (mL), number of connected components (26-connectivity), the share of the organ's
+volume in its largest component, and its cranio-caudal extent (mm). A liver in five pieces, or
+"spleen" in the pelvis, is wrong whatever the Dice. One PNG per probe shows a coronal and an
+axial slice of every scan with the prediction over it.
+
+    python benchmarks/real_ct_whole_scans.py --work /tmp/realct --names zjit zaug02
+    python benchmarks/real_ct_whole_scans.py --work /tmp/realct --names zjit --scans crlm1004
+
+Appends one JSON line per (probe, scan) to ``<work>/real_ct_whole_scans.jsonl`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_ct import DATASET, ORGANS, UNLABELLED  # noqa: E402
+
+SCANS = ("crlm1004", "crlm1006", "pancreas001")
+
+
+def organ_stats(seg: np.ndarray, spacing_zyx: tuple[float, ...], label: int) -> dict:
+    """Volume, components, largest-component share and z extent of one label in a (z, y, x) map."""
+    from scipy import ndimage
+
+    mask = seg == label
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    n = int(mask.sum())
+    if n == 0:
+        return {"ml": 0.0, "components": 0, "largest_share": 0.0, "z_extent_mm": 0.0}
+    comps, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(comps.ravel())[1:]
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    return {"ml": round(n * voxel_ml, 1), "components": int(count), "largest_share": round(float(sizes.max()) / n, 3),
+            "z_extent_mm": round(float(zs[-1] - zs[0] + 1) * spacing_zyx[0], 1)}
+
+
+def overlay(images: dict[str, np.ndarray], preds: dict[str, np.ndarray], spacings: dict, liver: int, title: str,
+            out: Path) -> None:
+    """Coronal (through the body's middle) and axial (through the liver's centre) slices per scan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(images), figsize=(5 * len(images), 9), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for col, name in enumerate(images):
+        img, seg, sp = images[name], preds[name], spacings[name]
+        where = np.argwhere(seg == liver)
+        zc, yc = (where.mean(axis=0)[:2].astype(int) if len(where) else (img.shape[0] // 2, img.shape[1] // 2))
+        views = ((img[:, yc, :], seg[:, yc, :], sp[0] / sp[2], "coronal"), (img[zc], seg[zc], sp[1] / sp[2], "axial"))
+        for row, (im, sg, aspect, view) in enumerate(views):
+            ax = axes[row, col]
+            ax.imshow(np.clip(im, -200, 300), cmap="gray", aspect=aspect, origin="lower" if view == "coronal" else None)
+            masked = np.ma.masked_where(sg == 0, sg)
+            ax.imshow(masked, cmap=cmap, vmin=0, vmax=20, alpha=0.5, aspect=aspect, interpolation="nearest",
+                      origin="lower" if view == "coronal" else None)
+            ax.set_title(f"{name} {view}")
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True, help="the --work folder of benchmarks/real_ct.py")
+    ap.add_argument("--names", nargs="+", required=True, help="trained probe configurations to predict with")
+    ap.add_argument("--scans", nargs="*", default=list(SCANS))
+    args = ap.parse_args()
+    work = args.work.resolve()
+    for kind in ("raw", "preprocessed", "results"):
+        os.environ[f"DIFFPROBE_{kind.upper()}"] = str(work / kind)
+    import SimpleITK as sitk
+
+    from diffprobe.predict.predictor import predict
+
+    labels = json.loads((work / "raw" / DATASET / "dataset.json").read_text())["labels"]
+    inputs = work / "whole_scans" / "img"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for scan in args.scans:
+        if not (inputs / f"{scan}_0000.nii.gz").exists():
+            shutil.copy(UNLABELLED / f"{scan}_0000.nii.gz", inputs / f"{scan}_0000.nii.gz")
+    images = {s: sitk.GetArrayFromImage(sitk.ReadImage(str(inputs / f"{s}_0000.nii.gz"))) for s in args.scans}
+    spacings = {s: sitk.ReadImage(str(inputs / f"{s}_0000.nii.gz")).GetSpacing()[::-1] for s in args.scans}
+    for name in args.names:
+        out = work / "whole_scans" / name
+        started = time.perf_counter()
+        predict(inputs, out, DATASET, name, ["all"], "cpu", show_progress=False)
+        seconds = round(time.perf_counter() - started, 1)
+        preds = {s: sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{s}.nii.gz"))) for s in args.scans}
+        for scan in args.scans:
+            stats = {organ: organ_stats(preds[scan], spacings[scan], labels[organ]) for organ in ORGANS}
+            line = {"name": name, "scan": scan, "predict_seconds_all_scans": seconds, "organs": stats}
+            with open(work / "real_ct_whole_scans.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+            print(f"\n{name} on {scan}")
+            print(f"{'organ':28s} {'mL':>8s} {'comps':>6s} {'largest':>8s} {'z mm':>6s}")
+            for organ, st in stats.items():
+                print(f"{organ:28s} {st['ml']:8.1f} {st['components']:6d} {st['largest_share']:8.3f} "
+                      f"{st['z_extent_mm']:6.1f}")
+        overlay(images, preds, spacings, labels["liver"], f"probe {name}: whole unlabelled real CTs",
+                work / "whole_scans" / f"{name}.png")
+        print(f"\n{name}: {seconds} s for {len(args.scans)} scans; overlay {work / 'whole_scans' / f'{name}.png'}")
+
+
+if __name__ == "__main__":
+    main()
