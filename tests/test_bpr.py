@@ -310,6 +310,7 @@ def test_short_training_learns_a_monotone_cranio_caudal_coordinate():
             first = last if first is None else first
         coords = predict_coordinates(model, vol, patch_size=crop)  # sliding window, training-size context
         whole = predict_coordinates(model, vol)  # one pass over the whole volume
+        slab_errors = _thin_slab_cc_errors(model, vol, coords, crop)
     finally:
         torch.set_num_threads(threads)
 
@@ -320,3 +321,32 @@ def test_short_training_learns_a_monotone_cranio_caudal_coordinate():
     rho_whole = spearmanr(z, whole[2].mean(dim=(1, 2)).numpy())[0]
     print(f"BPR short training: Spearman rho(z, CC) = {rho:.3f} (sliding window), {rho_whole:.3f} (whole volume)")
     assert rho > 0.9 and rho_whole > 0.9
+    # a slab thinner than the crop, predicted alone, lands nearer its place in the whole scan with repeated
+    # end slices (what predict_coordinates does) than with air below it (what it did before)
+    print(f"thin slabs alone, mean |CC error| (coordinate units): {slab_errors}")
+    assert slab_errors["repeated"] < slab_errors["air_below"]
+
+
+def _thin_slab_cc_errors(model, vol: np.ndarray, reference: torch.Tensor, crop: tuple[int, int, int]) -> dict:
+    """Mean |CC error| of 6-slice slabs cut from ``vol`` and predicted alone, against ``reference``."""
+    errors: dict[str, list[float]] = {"repeated": [], "air_below": []}
+    for z0 in range(0, vol.shape[1] - 6, 3):
+        slab, ref = vol[:, z0:z0 + 6], reference[2, z0:z0 + 6].mean(dim=(1, 2))
+        repeated = predict_coordinates(model, slab, patch_size=crop)[2].mean(dim=(1, 2))
+        air = np.concatenate([slab, np.full((1, crop[0] - 6, *slab.shape[2:]), -1.0, np.float32)], axis=1)
+        air_below = predict_coordinates(model, air, patch_size=crop)[2, :6].mean(dim=(1, 2))
+        errors["repeated"].append(float((repeated - ref).abs().mean()))
+        errors["air_below"].append(float((air_below - ref).abs().mean()))
+    return {k: round(float(np.mean(v)), 3) for k, v in errors.items()}
+
+
+def test_a_thin_volume_is_centred_between_repeated_end_slices():
+    """The thin volume's coordinates are those of the volume padded along z by repeating its end slices,
+    centred in the crop (in-plane: air at the high end), cropped back."""
+    torch.manual_seed(0)
+    model = _fine_model()
+    vol = np.random.default_rng(1).uniform(-1, 1, (1, 5, 16, 16)).astype(np.float32)
+    got = predict_coordinates(model, vol, patch_size=(8, 16, 16))
+    padded = np.concatenate([vol[:, :1]] * 1 + [vol] + [vol[:, -1:]] * 2, axis=1)  # (8 - 5) // 2 = 1 before
+    want = predict_coordinates(model, padded, patch_size=(8, 16, 16))[:, 1:6]
+    torch.testing.assert_close(got, want)
