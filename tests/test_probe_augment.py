@@ -90,3 +90,39 @@ def test_p_zero_is_the_unaugmented_batch(patches_of):
     a, b = made.batch(2), again.batch(2)
     for key in ("image", "seg", "guidance"):
         np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+
+
+def test_intensity_augment_scales_hu_about_water_in_the_plans_window():
+    from diffprobe.probe.augment import IntensityAugment
+
+    window = {"scheme": "ct_window", "window_hu": [-1350.0, 1000.0]}
+    aug = IntensityAugment.for_normalization(1.0, window)
+
+    def norm(hu):
+        return np.float32(-1 + 2 * (hu + 1350) / 2350)
+
+    hu = np.array([-1000.0, -100.0, 0.0, 60.0, 150.0], np.float32)
+    out = aug.apply(norm(hu), (1.2, 10 * aug.unit_per_hu))
+    back = (out + 1) / 2 * 2350 - 1350
+    np.testing.assert_allclose(back, hu * 1.2 + 10, atol=0.05)  # water stays at 0 HU + the shift
+    assert aug.apply(norm(np.float32(990.0)), (1.25, 0.0)) == 1.0  # clipped to the window
+    rng = np.random.default_rng(0)
+    draws = [aug.draw(rng) for _ in range(200)]
+    assert all(0.75 <= c <= 1.25 and abs(s) <= 30 * aug.unit_per_hu + 1e-9 for c, s in draws)
+    none = IntensityAugment.for_normalization(0.0, window)
+    assert all(none.draw(rng) is None for _ in range(20))
+    z = IntensityAugment.for_normalization(1.0, {"scheme": "zscore_per_image"})
+    assert z.water == 0.0
+
+
+def test_intensity_augment_changes_only_the_image(patches_of):
+    from diffprobe.probe.augment import IntensityAugment
+
+    plain = patches_of(0.0)
+    changed = patches_of(0.0)
+    changed.intensity = IntensityAugment(p=1.0)
+    a, b = plain.batch(4), changed.batch(4)
+    np.testing.assert_array_equal(a["seg"].numpy(), b["seg"].numpy())
+    np.testing.assert_array_equal(a["guidance"].numpy(), b["guidance"].numpy())
+    assert not np.array_equal(a["image"].numpy(), b["image"].numpy())
+    assert a["seeds"] == b["seeds"]

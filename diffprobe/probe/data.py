@@ -6,11 +6,12 @@ randomly chosen class present in the case (``oversample_foreground``), so small 
 seen often; the rest are uniform random crops. Augmentation: ``augment``
 (:class:`diffprobe.probe.augment.SpatialAugment`, drawn from a stream of its own so the crops are
 the same with and without it) rotates and zooms image, labels and guidance together; no
-mirroring (the anatomy is not left-right symmetric). An axis shorter than the patch lies at a random
-place inside it (``pretraining.data.place_short_axes``), and ``guidance_shift`` (default 0)
-offsets each patch's guidance channels by one uniform draw. Each patch carries its noise seed
-(case + start: fresh noise per case); the predictor seeds by tile start alone
-(``features.inference_seed``), so that a prediction never depends on the case's name.
+mirroring (the anatomy is not left-right symmetric); ``intensity`` (:class:`IntensityAugment`)
+changes contrast and brightness (enhanced organs differ by tens of HU between patients). An axis
+shorter than the patch lies at a random place inside it (``pretraining.data.place_short_axes``),
+and ``guidance_shift`` (default 0) offsets each patch's guidance channels by one uniform draw.
+Each patch carries its noise seed (case + start: fresh noise per case); the predictor seeds by
+tile start alone (``features.inference_seed``), so that a prediction never depends on the case's name.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from diffprobe.guidance import patch_guidance
 from diffprobe.preprocessing.storage import case_paths, open_array
 from diffprobe.pretraining import data as pdata
-from diffprobe.probe.augment import SpatialAugment, augmented_region
+from diffprobe.probe.augment import IntensityAugment, SpatialAugment, augmented_region
 from diffprobe.probe.features import patch_seed
 from diffprobe.utils import read_json
 
@@ -52,13 +53,14 @@ class LabelledPatches:
 
     def __init__(self, volumes: list[LabelledVolume], patch_size: list[int], batch_size: int, guidance: str,
                  oversample_foreground: float = 0.33, seed: int = 0, rank: int = 0, guidance_shift: float = 0.0,
-                 augment: SpatialAugment | None = None):
+                 augment: SpatialAugment | None = None, intensity: IntensityAugment | None = None):
         if not volumes:
             raise ValueError("no labelled volumes")
         self.volumes, self.patch, self.batch_size = volumes, tuple(int(p) for p in patch_size), batch_size
         self.guidance, self.oversample, self.seed, self.rank = guidance, oversample_foreground, seed, rank
         self.guidance_shift = float(guidance_shift)
         self.augment = augment if augment is not None and augment.p > 0 else None
+        self.intensity = intensity if intensity is not None and intensity.p > 0 else None
 
     def _start(self, vol: LabelledVolume, rng: np.random.Generator, foreground: bool) -> np.ndarray:
         shape, patch = np.array(vol.ref.shape), np.array(self.patch)
@@ -99,6 +101,7 @@ class LabelledPatches:
     def batch(self, step: int) -> dict:
         rng = pdata.step_rng(self.seed, step, self.rank, stream=2)
         aug_rng = pdata.step_rng(self.seed, step, self.rank, stream=3)
+        intensity_rng = pdata.step_rng(self.seed, step, self.rank, stream=4)
         n_random = round(self.batch_size * (1 - self.oversample))
         items = []
         for i in range(self.batch_size):
@@ -108,7 +111,11 @@ class LabelledPatches:
             if self.guidance_shift > 0:  # drawn only when asked: batches without it stay as they were
                 shift = rng.uniform(-self.guidance_shift, self.guidance_shift, 3)
             matrix = self.augment.draw(aug_rng, vol.ref.spacing) if self.augment else None
-            items.append(self.patch_at(vol, start, shift, matrix))
+            item = self.patch_at(vol, start, shift, matrix)
+            drawn = self.intensity.draw(intensity_rng) if self.intensity else None
+            if drawn is not None:
+                item["image"] = self.intensity.apply(item["image"], drawn)
+            items.append(item)
         return collate(items) | {"step": step}
 
 
