@@ -121,7 +121,7 @@ def flops_worker(args: argparse.Namespace) -> None:
         for vol, (shape, spacing) in shapes.items():
             # upper bound of the grid: diffprobe crops the body first, so the real window visits fewer tiles
             grid = [max(int(round(n * s / t)), p) for n, s, t, p in zip(shape, spacing, spacing_t, patch)]
-            tiles = int(np.prod([len(window_starts(n, p, 0.5)) for n, p in zip(grid, patch)]))
+            tiles = int(np.prod([len(window_starts(n, p, p * 0.5)) for n, p in zip(grid, patch)]))  # step in voxels
             row["volumes"][vol] = {"grid_uncropped": grid, "tiles_uncropped": tiles, "tile_flops": flops}
         out[f"diffprobe {cls}"] = row
     print("FLOPS_JSON " + json.dumps(out), flush=True)
@@ -162,9 +162,11 @@ def setup_worker(args: argparse.Namespace) -> None:
         pretrain([str(DP_ID)], name=PRETRAINED, device="cpu", show_progress=False,
                  overrides={"bpr_steps": 1, "diffusion_steps": 1, "num_workers": 0})
     t2 = time.perf_counter()
-    if not (probe_folder(args.workdir, cls) / "checkpoint_final.pt").is_file():
+    folder = probe_folder(args.workdir, cls)
+    if not (folder / "checkpoint_final.pt").is_file():  # an interrupted set-up is continued, as --c would
         train_probe(DP_ID, "all", PRETRAINED, device="cpu", show_progress=False, final_validation=False,
-                    overrides={"steps": 1, "validate_every": 0, "lr": 1e-3, "warmup_steps": 0}, seed=9)
+                    overrides={"steps": 1, "validate_every": 0, "lr": 1e-3, "warmup_steps": 0}, seed=9,
+                    resume=(folder / "probe.json").is_file())
     print(f"set-up {cls}: plan {t1 - t0:.0f} s, pretrain {t2 - t1:.0f} s, probe {time.perf_counter() - t2:.0f} s",
           flush=True)
 
