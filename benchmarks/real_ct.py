@@ -42,6 +42,12 @@ ORGANS = ("spleen", "liver", "stomach", "aorta", "inferior_vena_cava", "portal_a
           "right_adrenal_gland")
 
 
+def use_work_roots(work: Path) -> None:
+    """Point this process's diffprobe data roots at ``<work>/raw``, ``preprocessed`` and ``results``."""
+    for kind in ("raw", "preprocessed", "results"):
+        os.environ[f"DIFFPROBE_{kind.upper()}"] = str(work / kind)
+
+
 def make_dataset(raw: Path, holdout_slices: int) -> Path:
     """Write the raw dataset (labelled case split into a training and a held-out slab along z)."""
     import SimpleITK as sitk

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_ct import DATASET, LABELLED, dice_row  # noqa: E402
+from real_ct import DATASET, LABELLED, dice_row, use_work_roots  # noqa: E402
 
 
 def _value(text: str):
@@ -95,8 +95,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", help="fp32 or bf16 (predict -precision)")
     args = ap.parse_args()
     work = args.work.resolve()
-    for kind in ("raw", "preprocessed", "results"):
-        os.environ[f"DIFFPROBE_{kind.upper()}"] = str(work / kind)
+    use_work_roots(work)
     from diffprobe.evaluation.evaluate import evaluate_folders
     from diffprobe.predict.predictor import predict
     from diffprobe.workflows.train_probe import train_probe

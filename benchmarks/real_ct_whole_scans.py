@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_ct import DATASET, ORGANS, UNLABELLED  # noqa: E402
+from real_ct import DATASET, ORGANS, UNLABELLED, use_work_roots  # noqa: E402
 
 SCANS = ("crlm1004", "crlm1006", "pancreas001")
 
@@ -85,8 +84,7 @@ def main() -> None:
     ap.add_argument("--scans", nargs="*", default=list(SCANS))
     args = ap.parse_args()
     work = args.work.resolve()
-    for kind in ("raw", "preprocessed", "results"):
-        os.environ[f"DIFFPROBE_{kind.upper()}"] = str(work / kind)
+    use_work_roots(work)
     import SimpleITK as sitk
 
     from diffprobe.predict.predictor import predict
@@ -97,8 +95,10 @@ def main() -> None:
     for scan in args.scans:
         if not (inputs / f"{scan}_0000.nii.gz").exists():
             shutil.copy(UNLABELLED / f"{scan}_0000.nii.gz", inputs / f"{scan}_0000.nii.gz")
-    images = {s: sitk.GetArrayFromImage(sitk.ReadImage(str(inputs / f"{s}_0000.nii.gz"))) for s in args.scans}
-    spacings = {s: sitk.ReadImage(str(inputs / f"{s}_0000.nii.gz")).GetSpacing()[::-1] for s in args.scans}
+    images, spacings = {}, {}
+    for scan in args.scans:  # each file read once: its voxels and its (z, y, x) spacing
+        image = sitk.ReadImage(str(inputs / f"{scan}_0000.nii.gz"))
+        images[scan], spacings[scan] = sitk.GetArrayFromImage(image), image.GetSpacing()[::-1]
     for name in args.names:
         out = work / "whole_scans" / name
         started = time.perf_counter()

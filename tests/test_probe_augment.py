@@ -120,7 +120,7 @@ def test_intensity_augment_changes_only_the_image(patches_of):
 
     plain = patches_of(0.0)
     changed = patches_of(0.0)
-    changed.intensity = IntensityAugment(p=1.0)
+    changed.intensity = IntensityAugment.for_normalization(1.0, {"scheme": "ct_window", "window_hu": [-1350, 1000]})
     a, b = plain.batch(4), changed.batch(4)
     np.testing.assert_array_equal(a["seg"].numpy(), b["seg"].numpy())
     np.testing.assert_array_equal(a["guidance"].numpy(), b["guidance"].numpy())

@@ -93,14 +93,15 @@ class IntensityAugment:
     """With probability ``p``: HU -> HU × contrast + shift, contrast in ``contrast``, shift in ±``shift_hu``.
 
     ``unit_per_hu`` and ``water`` convert to the normalised values the patches hold (the plans' CT window:
-    ``2 / (high - low)`` and the normalised value of 0 HU; for z-scored images 1 / 100 and 0 are used).
+    ``2 / (high - low)`` and the normalised value of 0 HU; for z-scored images 1 / 100 and 0 are used);
+    build it with :meth:`for_normalization` from the plans, which own the window.
     """
 
-    p: float = 0.0
+    p: float
+    unit_per_hu: float
+    water: float
     contrast: tuple[float, float] = (0.75, 1.25)
     shift_hu: float = 30.0
-    unit_per_hu: float = 2 / 2350
-    water: float = -1 + 2 * 1350 / 2350
 
     @classmethod
     def for_normalization(cls, p: float, normalization: dict) -> IntensityAugment:
