@@ -15,6 +15,7 @@ when ``--pretrain_on_heldout`` is given (unlabelled self-supervision on the test
 legitimate transductive use, but off by default so the number is strictly "never seen").
 
     python benchmarks/real_ct.py --work /tmp/realct --budget_minutes 60
+    python benchmarks/real_ct.py --work /tmp/rc_gpu --device cuda --budget_minutes 3.5 --threads 16  # a GPU day
     python benchmarks/real_ct.py --work /tmp/realct --size_class tiny --bpr_steps 50 --diffusion_steps 50 \
         --probe_steps 200    # a quick look
 
@@ -34,7 +35,10 @@ import sys
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# DIFFPROBE_SHARED_DATA: another copy of ../shared/data (a GPU machine gets one made by
+# benchmarks/pack_for_device.py: shared/ does not travel there)
+SHARED = Path(os.environ.get("DIFFPROBE_SHARED_DATA")
+              or Path(__file__).resolve().parents[2] / "shared" / "data").resolve()
 LABELLED = SHARED / "real-ct"
 UNLABELLED = SHARED / "real-ct-unlabelled"
 DATASET = "Dataset010_RealCT"
@@ -115,8 +119,12 @@ def main() -> None:
     ap.add_argument("--diffusion_steps", type=int, default=None)
     ap.add_argument("--probe_steps", type=int, default=None)
     ap.add_argument("--override", nargs="*", default=[])
+    ap.add_argument("--target_spacing", type=float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                    help="plan this spacing (the CPU run's [3, 1.5, 1.5] for data packed at 1.5 mm in-plane, whose "
+                         "z is no longer 'anisotropic' to the planner's rule)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="realct")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (every stage: planning's timing, training, predict)")
     args = ap.parse_args()
     if not (LABELLED / "abdomen_dicom_0000.nii.gz").is_file():
         sys.exit(f"{LABELLED} not found")
@@ -125,15 +133,17 @@ def main() -> None:
            "DIFFPROBE_RESULTS": str(work / "results"), "OMP_NUM_THREADS": str(args.threads)}
     folder = make_dataset(work / "raw", args.holdout_slices)
     log: list[dict] = []
-    plan = ["plan_and_preprocess", "-d", "10", "-np", "2"]
+    plan = ["plan_and_preprocess", "-d", "10", "-np", str(min(args.threads, 8))]
     if args.budget_minutes:
-        plan += ["--budget_minutes", str(args.budget_minutes), "-device", "cpu"]
+        plan += ["--budget_minutes", str(args.budget_minutes), "-device", args.device]
     if args.size_class:
         plan += ["--size_class", args.size_class]
     for o in args.override:
         plan += ["--override", o]
+    if args.target_spacing:
+        plan += ["--target_spacing", *map(str, args.target_spacing)]
     run(plan, env, log)
-    pre = ["pretrain", "-d", "10", "--name", args.name, "-device", "cpu"]
+    pre = ["pretrain", "-d", "10", "--name", args.name, "-device", args.device]
     if args.bpr_steps is not None:
         pre += ["--bpr_steps", str(args.bpr_steps)]
     if args.diffusion_steps is not None:
@@ -142,7 +152,7 @@ def main() -> None:
     if not model_done:
         run(pre + (["--c"] if (work / "results" / "pretrained" / args.name / "model.json").is_file() else []),
             env, log)
-    train = ["train", "-d", "10", "-f", "all", "--pretrained", args.name, "-device", "cpu"]
+    train = ["train", "-d", "10", "-f", "all", "--pretrained", args.name, "-device", args.device]
     if args.probe_steps is not None:
         train += ["--steps", str(args.probe_steps)]
     results = work / "results" / DATASET / "diffprobe" / f"{args.name}__fpn" / "fold_all"
@@ -150,7 +160,7 @@ def main() -> None:
         run(train + (["--c"] if (results / "probe.json").is_file() else []), env, log)
     preds = work / "pred"
     run(["predict", "-i", str(folder / "imagesTs"), "-o", str(preds), "-d", "10", "-f", "all", "-c",
-         f"{args.name}__fpn", "-device", "cpu"], env, log)
+         f"{args.name}__fpn", "-device", args.device], env, log)
     run(["evaluate", "-ref", str(folder / "labelsTs"), "-pred", str(preds), "-d", "10"], env, log)
     rows = {"fit (training slab)": dice_row(results / "validation" / "summary.json"),
             "held-out slab": dice_row(preds / "summary.json")}
@@ -158,7 +168,9 @@ def main() -> None:
     report = {"rows": rows, "log": log, "size_class": plans["size_class"], "patch_size": plans["patch_size"],
               "target_spacing": plans["preprocessing"]["target_spacing"], "budget": plans["training"].get("budget"),
               "total_seconds": round(sum(e["seconds"] for e in log), 1),
-              "total_cpu_seconds": round(sum(e["cpu_seconds"] for e in log), 1), "threads": args.threads}
+              "total_cpu_seconds": round(sum(e["cpu_seconds"] for e in log), 1), "threads": args.threads,
+              "device": args.device, "steps": (plans["training"].get("budget") or {}).get("steps"),
+              "data": str(SHARED)}
     (work / "real_ct_report.json").write_text(json.dumps(report, indent=1))
     print(f"\n{'row':<22}" + "".join(f"{o[:10]:>11}" for o in ORGANS) + f"{'mean':>8}")
     for name, row in rows.items():

@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="the --work folder of benchmarks/real_ct.py")
     ap.add_argument("--names", nargs="+", required=True, help="trained probe configurations to predict with")
     ap.add_argument("--scans", nargs="*", default=list(SCANS))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     work = args.work.resolve()
     use_work_roots(work)
@@ -102,7 +103,7 @@ def main() -> None:
     for name in args.names:
         out = work / "whole_scans" / name
         started = time.perf_counter()
-        predict(inputs, out, DATASET, name, ["all"], "cpu", show_progress=False)
+        predict(inputs, out, DATASET, name, ["all"], args.device, show_progress=False)
         seconds = round(time.perf_counter() - started, 1)
         preds = {s: sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{s}.nii.gz"))) for s in args.scans}
         for scan in args.scans:
