@@ -58,7 +58,8 @@ PRETRAINED = "gpu_suite"
 PREDICT_GOAL_S = 10.0
 PEAK_GOAL = 0.30
 # What each section needs at least on a GPU (seconds), to decide whether it still fits the budget.
-SECTION_COST_S = {"agreement": 40, "peak": 10, "pretrain": 30, "compile": 120, "predict": 60, "ddp": 60}
+SECTION_COST_S = {"agreement": 40, "peak": 10, "pretrain": 30, "profile": 20, "compile": 120, "predict": 60,
+                  "ddp": 60}
 CT_FINGERPRINT = {  # an abdominal CT: no size class's patch aim is capped by the median shape
     "spacings": [[1.5, 0.8, 0.8]] * 4, "shapes_after_crop": [[300, 400, 400]] * 4, "channel_names": {"0": "CT"},
     "labels": {"background": 0, "organ": 1}, "dataset": "synthetic", "median_spacing": [1.5, 0.8, 0.8],
@@ -493,6 +494,36 @@ def section_pretrain(args: argparse.Namespace, peak: float | None, compiled: boo
     return out
 
 
+def section_profile(args: argparse.Namespace) -> dict:
+    """Where the time of a training step and of an inference forward goes (``gpu_profile.py``): GPU busy
+    share, top kernels, top CPU operators. The first GPU day found a fixed ~60 ms per step."""
+    import torch
+    from gpu_profile import print_profile, profile_step
+
+    plans = training_plans(args)
+    step, model, _ = make_step(plans, args.device, args.dtype, True, None)
+    out = {"train_step": profile_step(step, args.device)}
+    print("  training step (channels_last on, eager):", flush=True)
+    print_profile(out["train_step"])
+    del step
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    fmt_ = torch.channels_last_3d
+    x = torch.randn((2, 1, *plans.patch_size), generator=g).to(args.device).contiguous(memory_format=fmt_)
+    guide = torch.randn((2, 3, *plans.patch_size), generator=g).to(args.device).contiguous(memory_format=fmt_)
+    t = torch.full((2,), 30, dtype=torch.long, device=args.device)
+
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
+                                             enabled=args.dtype == "bf16"):
+            model(x, t, guide)
+
+    out["inference_forward_batch2"] = profile_step(forward, args.device)
+    print("  inference forward, 2 tiles (as predict's window):", flush=True)
+    print_profile(out["inference_forward_batch2"])
+    return out
+
+
 def section_predict(args: argparse.Namespace, setup: dict) -> dict:
     """Seconds of predict on a CT-sized volume with the size class's model (loaded and warmed up first)."""
     import torch
@@ -624,6 +655,12 @@ def table_rows(report: dict) -> Iterator[tuple[str, str, str]]:
     if "best_s" in pr:
         yield (f"predict {'x'.join(map(str, pr['volume_zyx'][::-1]))} ({pr['size_class']})",
                f"{pr['best_s']:.1f} s", f"<= {PREDICT_GOAL_S:.0f} s: {'met' if pr['goal_met'] else 'NOT met'}")
+    for key, what in (("train_step", "training step"), ("inference_forward_batch2", "inference forward, 2 tiles")):
+        pf = s.get("profile", {}).get(key)
+        if pf:
+            busy = pf.get("device_busy_share")
+            yield (f"profile: {what}", f"{pf['wall_ms_per_step']:.1f} ms, {pf['cpu_ops_per_step']:.0f} ops"
+                   + (f", device busy {busy:.0%}" if busy is not None else ""), "report")
     dd = s.get("ddp", {})
     if "patches_per_s" in dd:
         eff = dd.get("scaling_efficiency")
@@ -665,8 +702,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; dry run "
                     "eager: dynamo only)")
     ap.add_argument("--budget-s", type=float, default=440.0, help="skip sections that no longer fit (default 440)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["agreement", "peak", "pretrain", "compile",
-                                                                "predict", "ddp"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["agreement", "peak", "pretrain", "profile",
+                                                                "compile", "predict", "ddp"])
     ap.add_argument("--ddp-on-cpu", action="store_true", help="run the DDP section with gloo on the CPU")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/diffprobe_gpu_suite"))
     ap.add_argument("--json", type=Path, default=None, help="report (default WORKDIR/gpu_suite.json)")
@@ -723,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_out.get("matmul_tflops", 0) * 1e12 if peak_out else None
     counted: dict = {}
     pre = suite.run("pretrain", lambda: section_pretrain(args, peak or None, False, suite, counted))
+    suite.run("profile", lambda: section_profile(args))
     if have_model:
         suite.run("predict", lambda: section_predict(args, setup))
     suite.run("compile", lambda: section_pretrain(args, peak or None, True, suite, counted))

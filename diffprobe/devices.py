@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from diffprobe.errors import DiffprobeError
@@ -13,3 +15,39 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DiffprobeError("CUDA was requested but no GPU is available", fix="use -device cpu")
     return device
+
+
+# nnU-Net's default number of data-augmentation processes per GPU (nnUNet_n_proc_DA)
+GPU_LOADER_WORKERS = 12
+WORKERS_ENV = "DIFFPROBE_N_PROC_DA"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask on Linux, e.g. inside a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(planned: int, device: str | torch.device) -> int:
+    """Data-loading processes of a training run on ``device``.
+
+    On a CPU the plans' number (the loaders share the cores with torch's threads; compute-budget
+    planning times exactly that). On a GPU the cores are otherwise idle, and one loader process cannot
+    keep up: measured on an H200, one process took 160-365 ms per batch for a 60 ms step, and the
+    budget planner chose the smallest network because of it. So a GPU run uses at least
+    ``GPU_LOADER_WORKERS`` (nnU-Net's default), at most one core per process less than it has (cores
+    shared by the ``LOCAL_WORLD_SIZE`` processes of a DDP run). ``DIFFPROBE_N_PROC_DA`` sets the number
+    outright, as ``nnUNet_n_proc_DA`` does for nnU-Net; ``pretrain --num_workers`` overrides both.
+    """
+    if os.environ.get(WORKERS_ENV):
+        try:
+            return max(0, int(os.environ[WORKERS_ENV]))
+        except ValueError:
+            raise DiffprobeError(f"{WORKERS_ENV}={os.environ[WORKERS_ENV]!r} is not a number of processes",
+                                 fix=f"set {WORKERS_ENV} to an integer, e.g. 8, or unset it") from None
+    if torch.device(device).type != "cuda":
+        return int(planned)
+    per_process = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(int(planned), min(GPU_LOADER_WORKERS, per_process - 1))

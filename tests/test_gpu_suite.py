@@ -29,7 +29,7 @@ def test_dry_run_covers_every_section(tmp_path: Path) -> None:
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     report = json.loads(report_path.read_text())
     sections = report["sections"]
-    assert set(sections) == {"setup", "agreement", "peak", "pretrain", "predict", "compile", "ddp"}
+    assert set(sections) == {"setup", "agreement", "peak", "pretrain", "profile", "predict", "compile", "ddp"}
     assert not [name for name, s in sections.items() if "error" in s or "skipped" in s]
 
     agree = sections["agreement"]  # the CPU against itself: identical
@@ -42,5 +42,9 @@ def test_dry_run_covers_every_section(tmp_path: Path) -> None:
     assert {(r["channels_last"], r["compile"]) for r in rows} == {(a, b) for a in (False, True) for b in (False, True)}
     assert all(r["patches_per_s"] > 0 and r["of_peak"] > 0 for r in rows)
     assert sections["predict"]["runs"][0]["seconds"] > 0 and "window_s" in sections["predict"]["runs"][0]["phases_s"]
+    for key in ("train_step", "inference_forward_batch2"):  # the profile: per-step time and the top CPU operators
+        prof = sections["profile"][key]
+        assert prof["wall_ms_per_step"] > 0 and prof["cpu_ops_per_step"] > 10
+        assert any("conv" in r["name"] for r in prof["top_cpu"]) and "device_busy_share" not in prof
     assert sections["ddp"]["world_size"] == 2 and sections["ddp"]["patches_per_s"] > 0
     assert "| measure | value | goal |" in done.stdout

@@ -52,3 +52,25 @@ def test_batches_deterministic_and_loader_order(refs):
     assert torch.equal(got[2]["image"], a["image"])
     other_rank = PatchBatches(refs, PATCH, 2, guidance="physical", rank=1)
     assert not torch.equal(other_rank.batch(7)["image"], a["image"])
+
+
+def test_augmentation_draws_one_transform_for_image_and_guidance(refs):
+    """The image (cubic) and its guidance (linear) are transformed alike: an off-centre blob copied into a
+    guidance channel lands where the image's does; the image is what one cubic call alone gives."""
+    pb = PatchBatches(refs, PATCH, 1, guidance="physical")
+    region = tuple(p + 2 * max(2, p // 6) for p in PATCH)
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in region], indexing="ij")
+    blob = np.exp(-((z - region[0] / 2) ** 2 / 8 + (y - region[1] * 0.3) ** 2 / 18 + (x - region[2] * 0.7) ** 2 / 18))
+    stack = np.stack([blob, blob, z / region[0]]).astype(np.float32)
+    moved = 0
+    for seed in range(8):
+        out = pb._spatial(stack, np.random.default_rng(seed))
+        assert out.shape == (3, *PATCH)
+        np.testing.assert_array_equal(out[:1], pb._augment(stack[:1], int(np.random.default_rng(seed).integers(2**31)),
+                                                           order=3))
+        assert np.unravel_index(out[0].argmax(), PATCH) == np.unravel_index(out[1].argmax(), PATCH)
+        assert np.corrcoef(out[0].ravel(), out[1].ravel())[0, 1] > 0.99
+        centre = tuple(p // 2 + m for p, m in zip(PATCH, [max(2, p // 6) for p in PATCH]))
+        plain = blob[tuple(slice(c - p // 2, c - p // 2 + p) for c, p in zip(centre, PATCH))]
+        moved += not np.allclose(out[0], plain, atol=1e-3)
+    assert moved >= 2  # some draws did rotate or scale (p = 0.5 each)

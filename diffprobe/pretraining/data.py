@@ -103,14 +103,27 @@ class PatchBatches:
         return stack[:1], (stack[1:] if guide is not None else None)
 
     def _spatial(self, stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Rotation about the cranio-caudal axis and scaling, one draw for the image and its guidance.
+
+        The image is interpolated with cubic splines (nnU-Net's order for data), the guidance channels
+        linearly: they are smooth body coordinates, which linear interpolation reproduces (exactly, where
+        a map is linear), and the spline prefilter of three more channels was most of a batch's loading
+        (24x64x64 patch, augmented: 103 -> 40 ms on one core). Both calls seed numpy's global RNG alike, so
+        they draw the same transform (batchgenerators' draws do not depend on the data)."""
+        seed = int(rng.integers(2**31))
+        image = self._augment(stack[:1], seed, order=3)
+        if stack.shape[0] == 1:
+            return image
+        return np.concatenate([image, self._augment(stack[1:], seed, order=1)])
+
+    def _augment(self, channels: np.ndarray, seed: int, order: int) -> np.ndarray:
         from batchgenerators.augmentations.spatial_transformations import augment_spatial
 
-        # batchgenerators draws from numpy's global RNG: seed it from our per-step generator
-        np.random.seed(int(rng.integers(2**31)))
+        np.random.seed(seed)  # batchgenerators draws from numpy's global RNG
         out, _ = augment_spatial(
-            stack[None], None, self.patch, patch_center_dist_from_border=None, do_elastic_deform=False,
+            channels[None], None, self.patch, patch_center_dist_from_border=None, do_elastic_deform=False,
             do_rotation=True, angle_x=(-0.17, 0.17), angle_y=(0.0, 0.0), angle_z=(0.0, 0.0),
-            do_scale=True, scale=(0.9, 1.1), border_mode_data="nearest", order_data=3, random_crop=False,
+            do_scale=True, scale=(0.9, 1.1), border_mode_data="nearest", order_data=order, random_crop=False,
             p_rot_per_sample=0.5, p_scale_per_sample=0.5)
         return out[0].astype(np.float32)
 

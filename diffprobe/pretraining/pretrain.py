@@ -21,7 +21,7 @@ import torch
 
 from diffprobe import __version__, paths
 from diffprobe.bpr import BodyPartRegressor, bpr_losses, collate_pairs, sample_crop_pair, sample_far_pair
-from diffprobe.devices import resolve_device
+from diffprobe.devices import loader_workers, resolve_device
 from diffprobe.diffusion import GaussianDiffusion
 from diffprobe.errors import DiffprobeError
 from diffprobe.guidance import GUIDANCE_MODES
@@ -284,7 +284,10 @@ def pretrain(datasets: list[str] | None = None, name: str = "default", stage: st
     exists = dist_utils.main_process_value(model.exists)  # rank 0's view, before it writes model.json below
     with dist_utils.together("pretrain: reading the datasets and the model"):  # a setup error stops all ranks
         volumes, dataset_plans, names = collect_volumes(datasets)
-        plans = Plans(run_plans(dataset_plans, overrides))
+        planned = run_plans(dataset_plans, overrides)
+        if (overrides or {}).get("num_workers") is None:  # the machine's loader processes (a GPU's cores are idle)
+            planned["training"]["num_workers"] = loader_workers(int(planned["training"].get("num_workers", 0)), dev)
+        plans = Plans(planned)
         out = model.folder
         if exists and not resume:
             raise DiffprobeError(f"a pretrained model named '{name}' already exists", out,

@@ -65,6 +65,7 @@ from typing import Any
 
 import torch
 
+from diffprobe.devices import loader_workers
 from diffprobe.errors import DiffprobeError
 from diffprobe.planning import size_classes
 from diffprobe.planning.replan import merged_inputs, replan
@@ -90,7 +91,8 @@ MIN_FRACTION = 0.25  # of the class's default steps: a class below this is too s
 CAP_FACTOR: dict[str, float | None] = {"bpr": 2.0, "diffusion": None, "probe": 2.0}
 CPU_CANDIDATES = ("tiny", "cpu", "small")
 GPU_CANDIDATES = ("tiny", "cpu", "small", "paper")
-TIMING_VERSION = 1  # bump when what is timed changes: cached timings of an older version are not reused
+TIMING_VERSION = 2  # bump when what is timed changes: cached timings of an older version are not reused
+# (2: guidance channels augmented linearly, loader processes per device)
 
 StepTimer = Callable[[dict, str], dict[str, Any]]
 
@@ -180,6 +182,7 @@ def timing_key(plans: dict, device: str) -> str:
         "num_classes": max(int(v) for v in plans["labels"].values()) + 1,
         "channels_last": train.get("channels_last"), "compile": train.get("compile"),
         "ema": train["diffusion"].get("ema_decay") is not None,
+        "loader_workers": loader_workers(int(train.get("num_workers", 0)), device),
     }
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from diffprobe.devices import loader_workers, usable_cores
+
 WARMUP_STEPS = 2  # the second one is skipped when the first took longer than MAX_MEASURE_SECONDS
 MEASURED_STEPS = 3  # at least (unless one step takes longer than MAX_MEASURE_SECONDS) ...
 MIN_MEASURE_SECONDS = 1.0  # ... and more, up to MAX_MEASURED_STEPS, until this much was measured (fast steps
@@ -231,10 +233,7 @@ def time_loaders(plans: dict, folder: Path) -> dict[str, float]:
 
 
 def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 def _load_average() -> float | None:
@@ -264,7 +263,7 @@ def measure_step_seconds(plans: dict, device: str, max_diffusion_seconds: float 
     None. Tests replace this function (``monkeypatch.setattr(budget, "measure_step_seconds", fake)``).
     """
     dev = torch.device(device)
-    workers = int(plans["training"].get("num_workers", 0))
+    workers = loader_workers(int(plans["training"].get("num_workers", 0)), device)
     with tempfile.TemporaryDirectory(prefix="diffprobe_budget_") as tmp:
         loading = time_loaders(plans, Path(tmp))
         diffusion = time_diffusion(plans, dev, tmp)
