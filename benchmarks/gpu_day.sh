@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# A GPU day in one device call: install the packed dependencies, run the GPU suite (issue 16), then the
+# planned real-CT run and its whole-scan check (issue 14), leaving reports under $OUT.
+#
+# Here, once (needs the shared real CTs and PyPI):   python benchmarks/pack_for_device.py
+# There (device tool, carry [".device"]), about 10 minutes:
+#   benchmarks/gpu_day.sh                     # suite budget 200 s, real-CT budget 3.5 min
+#   SUITE_S=300 BUDGET_MIN=5 benchmarks/gpu_day.sh
+# CPU check of this script (tiny sizes, no packed wheels needed where diffprobe is installed):
+#   DEVICE=cpu OUT=/tmp/gpu_day benchmarks/gpu_day.sh
+#
+# What 2026-11-29's first GPU day ran by hand, as one script: docs/performance.md ("GPU day") and
+# docs/results.md ("A GPU day").
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+pack="$repo/.device"
+out="${OUT:?set OUT to the folder the reports go to}"
+device="${DEVICE:-cuda}"
+suite_s="${SUITE_S:-200}"
+budget_min="${BUDGET_MIN:-3.5}"
+py="${PYTHON:-python3}"
+mkdir -p "$out"
+
+if [[ -f "$pack/sitk.tar.xz" ]] && ! "$py" -c "import SimpleITK, nnunetv2" 2>/dev/null; then
+    site=/tmp/site
+    mkdir -p "$site" && tar xJf "$pack/sitk.tar.xz" -C "$site" \
+        && "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+            "$pack"/whl/*.whl || { echo "installing the packed wheels failed" >&2; exit 3; }
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+[[ -d "$pack/data" ]] && export DIFFPROBE_SHARED_DATA="$pack/data"
+"$py" -c "import diffprobe.cli.app, SimpleITK, nnunetv2, torch; print('torch', torch.__version__, 'cuda',
+torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 4
+
+work=/tmp/diffprobe_gpu_day
+rm -rf "$work"
+if [[ "$device" == cpu ]]; then
+    suite_args=(--device cpu --dry-run --skip ddp)
+    real_args=(--size_class tiny --bpr_steps 10 --diffusion_steps 10 --probe_steps 20 --threads 2)
+else
+    suite_args=(--budget-s "$suite_s")
+    real_args=(--budget_minutes "$budget_min" --threads "$(nproc)")
+fi
+GPU_SUITE_TIMEOUT=$((${suite_s%.*} + 30)) PYTHON="$py" "$here/gpu_suite.sh" "${suite_args[@]}" \
+    --workdir "$work/suite" --json "$out/gpu_suite.json" 2>&1 | tee "$out/gpu_suite.log"
+timeout 480 "$py" "$here/real_ct.py" --work "$work/rc" --device "$device" --target_spacing 3 1.5 1.5 --name gpu \
+    "${real_args[@]}" 2>&1 | tee "$out/real_ct.log"
+timeout 120 "$py" "$here/real_ct_whole_scans.py" --work "$work/rc" --names gpu__fpn --device "$device" 2>&1 \
+    | tee "$out/whole_scans.log"
+cp "$work/rc/real_ct_report.json" "$work/rc/whole_scans/gpu__fpn.png" "$out/" 2>/dev/null
+(cd "$work/rc" && tar czf "$out/real_ct_small.tgz" pred/summary.json real_ct_whole_scans.jsonl \
+    preprocessed/*/diffprobe/plans.json results/*/diffprobe/gpu__fpn/fold_all/validation/summary.json \
+    results/pretrained/gpu/*.png results/pretrained/gpu/*.json 2>/dev/null)
+ls -la "$out"
