@@ -23,7 +23,8 @@ def pretrain_cmd(
     bpr_steps: int | None = typer.Option(None, "--bpr_steps", help="override the planned BPR steps"),
     batch_size: int | None = typer.Option(None, "--batch_size", help="override the planned batch size"),
     lr: float | None = typer.Option(None, "--lr", help="override the diffusion learning rate"),
-    num_workers: int | None = typer.Option(None, "--num_workers", help="data-loading processes"),
+    num_workers: int | None = typer.Option(
+        None, "--num_workers", help="data-loading processes (default: the plans' on a CPU, at least 12 on a GPU)"),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint_every",
                                                 help="save checkpoint_latest every N steps (default: planned)"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
