@@ -4,7 +4,8 @@
 #
 # Here, once (needs the shared real CTs and PyPI):   python benchmarks/pack_for_device.py
 # There (device tool, carry [".device"]), about 10 minutes:
-#   benchmarks/gpu_day.sh                     # suite budget 200 s, real-CT budget 3.5 min
+#   benchmarks/gpu_day.sh                     # suite budget 170 s, real-CT budget 3 min: ~9.5 min, one
+#                                             # 600-s call (2026-11-29: suite 201 s, real-CT run 364 s + 47 s)
 #   SUITE_S=300 BUDGET_MIN=5 benchmarks/gpu_day.sh
 # CPU check of this script (tiny sizes, no packed wheels needed where diffprobe is installed):
 #   DEVICE=cpu OUT=/tmp/gpu_day benchmarks/gpu_day.sh
@@ -18,8 +19,8 @@ repo="$(dirname "$here")"
 pack="$repo/.device"
 out="${OUT:?set OUT to the folder the reports go to}"
 device="${DEVICE:-cuda}"
-suite_s="${SUITE_S:-200}"
-budget_min="${BUDGET_MIN:-3.5}"
+suite_s="${SUITE_S:-170}"
+budget_min="${BUDGET_MIN:-3}"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
 
