@@ -216,7 +216,7 @@ def _synthetic_volume(plans: dict, folder: Path):
 def time_loaders(plans: dict, folder: Path) -> dict[str, float]:
     """CPU seconds the data loader spends per batch (the stages' own batch classes on a synthetic case).
 
-    The diffusion batch (read + BPR-map crop + cubic spatial augmentation of 1 + 3 channels) costs
+    The diffusion batch (read + BPR-map crop + spatial augmentation: image cubic, 3 guidance channels linear) costs
     as much as a tiny denoiser step on a 2-core CPU, so it is part of the step time there.
     """
     from diffprobe.bpr import BodyPartRegressor
