@@ -216,8 +216,9 @@ def _synthetic_volume(plans: dict, folder: Path):
 def time_loaders(plans: dict, folder: Path) -> dict[str, float]:
     """CPU seconds the data loader spends per batch (the stages' own batch classes on a synthetic case).
 
-    The diffusion batch (read + BPR-map crop + spatial augmentation: image cubic, 3 guidance channels linear) costs
-    as much as a tiny denoiser step on a 2-core CPU, so it is part of the step time there.
+    The diffusion batch (read + BPR-map crop + spatial augmentation: the image cubic, its 3 guidance
+    channels linear) is not negligible next to a tiny denoiser step on a 2-core CPU (~24 vs ~110 ms),
+    so it is part of the step time there.
     """
     from diffprobe.bpr import BodyPartRegressor
     from diffprobe.pretraining.data import PatchBatches
