@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_suite import CT_FINGERPRINT  # noqa: E402
+from gpu_suite_common import CT_FINGERPRINT  # noqa: E402
 
 
 def main() -> None:

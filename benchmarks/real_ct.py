@@ -46,10 +46,14 @@ ORGANS = ("spleen", "liver", "stomach", "aorta", "inferior_vena_cava", "portal_a
           "right_adrenal_gland")
 
 
+def work_roots(work: Path) -> dict[str, str]:
+    """The diffprobe data-root variables of ``<work>/raw``, ``preprocessed`` and ``results``."""
+    return {f"DIFFPROBE_{kind.upper()}": str(work / kind) for kind in ("raw", "preprocessed", "results")}
+
+
 def use_work_roots(work: Path) -> None:
-    """Point this process's diffprobe data roots at ``<work>/raw``, ``preprocessed`` and ``results``."""
-    for kind in ("raw", "preprocessed", "results"):
-        os.environ[f"DIFFPROBE_{kind.upper()}"] = str(work / kind)
+    """Point this process's diffprobe data roots at ``work`` (:func:`work_roots`)."""
+    os.environ.update(work_roots(work))
 
 
 def make_dataset(raw: Path, holdout_slices: int) -> Path:
@@ -129,8 +133,7 @@ def main() -> None:
     if not (LABELLED / "abdomen_dicom_0000.nii.gz").is_file():
         sys.exit(f"{LABELLED} not found")
     work = args.work.resolve()
-    env = {**os.environ, "DIFFPROBE_RAW": str(work / "raw"), "DIFFPROBE_PREPROCESSED": str(work / "preprocessed"),
-           "DIFFPROBE_RESULTS": str(work / "results"), "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, **work_roots(work), "OMP_NUM_THREADS": str(args.threads)}
     folder = make_dataset(work / "raw", args.holdout_slices)
     log: list[dict] = []
     plan = ["plan_and_preprocess", "-d", "10", "-np", str(min(args.threads, 8))]

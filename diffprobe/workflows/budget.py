@@ -65,13 +65,12 @@ from typing import Any
 
 import torch
 
-from diffprobe.devices import loader_workers
+from diffprobe.devices import loader_workers, usable_cores
 from diffprobe.errors import DiffprobeError
 from diffprobe.planning import size_classes
 from diffprobe.planning.replan import merged_inputs, replan
 from diffprobe.workflows.step_timing import (  # noqa: F401  (PROBE_POOL_DEFAULTS re-exported)
     PROBE_POOL_DEFAULTS,
-    _cores,
     _load_average,
     measure_step_seconds,
     probe_settings,
@@ -331,11 +330,11 @@ def plan_for_budget(fingerprint: dict, previous: dict | None, plan_kwargs: dict,
                      f"'{names[chosen]}' ({alloc['min_steps']}); planned with what fits")
     if fixed:
         notes.append(f"steps fixed by the user: {fixed}")
-    if load is not None and dev == "cpu" and any(r["timed"] == "measured" for r in rows) and load > _cores():
-        notes.append(f"the CPU was busy while timing (load {load:.1f} on {_cores()} cores): the plan assumes it "
+    if load is not None and dev == "cpu" and any(r["timed"] == "measured" for r in rows) and load > usable_cores():
+        notes.append(f"the CPU was busy while timing (load {load:.1f} on {usable_cores()} cores): the plan assumes it "
                      "stays this busy; re-plan on an idle machine for a plan of the machine alone")
     record = {
-        "minutes": budget_minutes, "device": dev, "torch_threads": torch.get_num_threads(), "cpu_cores": _cores(),
+        "minutes": budget_minutes, "device": dev, "torch_threads": torch.get_num_threads(), "cpu_cores": usable_cores(),
         "load_average": None if load is None else round(load, 2),
         "rule": "largest candidate whose steps reach max(min_steps, min_fraction x class default) in every stage; "
                 "steps = floor(stage seconds / (seconds per timed step x run_overhead)); BPR and probe capped at "

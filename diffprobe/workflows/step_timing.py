@@ -233,10 +233,6 @@ def time_loaders(plans: dict, folder: Path) -> dict[str, float]:
     return {"diffusion": _time_steps(patches.batch, cpu), "bpr": _time_steps(pairs.batch, cpu)}
 
 
-def _cores() -> int:
-    return usable_cores()
-
-
 def _load_average() -> float | None:
     """The 1-minute load average (Unix), recorded with the timings: other jobs slow the measured steps."""
     try:
@@ -248,7 +244,7 @@ def _load_average() -> float | None:
 def with_loading(compute: float, loading: float, device: str, num_workers: int) -> float:
     """Step seconds with data loading: overlapped by the loader processes when they have cores of
     their own (a GPU run, or torch not using every core), otherwise added (a CPU run on all cores)."""
-    free = _cores() - (0 if str(device).startswith("cuda") else torch.get_num_threads())
+    free = usable_cores() - (0 if str(device).startswith("cuda") else torch.get_num_threads())
     if num_workers > 0 and free > 0:
         return max(compute, loading / min(num_workers, free))
     return compute + loading
