@@ -17,6 +17,7 @@ trains further probes on its pretrained model (or a control) and scores each on:
     python benchmarks/real_ct_probe.py --work /tmp/realct --name realct__nobackbone --extractor input
     python benchmarks/real_ct_probe.py --work /tmp/realct --name realct__random --pretrained realct_random_init
     python benchmarks/real_ct_probe.py --work /tmp/realct --name zjit --score_only --tta 4       # TTA, same probe
+    python benchmarks/real_ct_probe.py --work /tmp/realct --name zt2510 --timesteps 2 5 10     # less noise
     python benchmarks/real_ct_probe.py --work /tmp/realct --name zjit --score_only --precision bf16
 
 Appends one JSON line per probe to ``<work>/real_ct_probes.jsonl`` and prints it.
@@ -89,6 +90,8 @@ def main() -> None:
     ap.add_argument("--override", nargs="*", default=[], help="probe settings, e.g. lr=0.005 steps=2000")
     ap.add_argument("--lengths", type=int, nargs="*", default=[14, 16, 18, 20])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timesteps", type=int, nargs="*", default=None,
+                    help="feature timesteps of the probe (default: the plans', e.g. 10 30 60)")
     ap.add_argument("--score_only", action="store_true", help="score the trained configuration --name again "
                     "(with --tta / --precision) instead of training it")
     ap.add_argument("--tta", type=int, default=0, help="predict with the noise ensemble of this many draws")
@@ -118,7 +121,8 @@ def main() -> None:
     rows: dict = {}
     if not args.score_only:
         result = train_probe(DATASET, "all", args.pretrained, overrides=overrides, configuration=args.name,
-                             extractor=args.extractor, seed=args.seed, show_progress=False)
+                             extractor=args.extractor, seed=args.seed, timesteps=args.timesteps,
+                             show_progress=False)
         rows["fit"] = dice_row(result.folder / "validation" / "summary.json")
         alone = work / "pred_alone" / args.name
         predict(raw / "imagesTs", alone, DATASET, args.name, ["all"], "cpu", show_progress=False)
@@ -131,7 +135,7 @@ def main() -> None:
     rows |= score_cut_images(work, args.name, cut, args.lengths, labels, args.tta, args.precision)
     cpu1 = os.times()
     line = {"name": args.name, "pretrained": args.pretrained, "extractor": args.extractor, "overrides": overrides,
-            "score_only": args.score_only, "tta": args.tta, "precision": args.precision,
+            "timesteps": args.timesteps, "score_only": args.score_only, "tta": args.tta, "precision": args.precision,
             "seed": args.seed, "train_seconds": round(train_seconds, 1),
             "cpu_seconds": round(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 1),
             "load_average": round(os.getloadavg()[0], 2), "rows": rows}
