@@ -234,7 +234,7 @@ def setup(args: argparse.Namespace) -> dict:
 
 # ---- timing ----------------------------------------------------------------------------------
 def run_one(args: argparse.Namespace, tool: str, vol: str) -> dict:
-    import bench_predict
+    import bench_predict_support
     from _measure import run_measured
 
     work = args.workdir
@@ -253,16 +253,16 @@ def run_one(args: argparse.Namespace, tool: str, vol: str) -> dict:
     env = {**os.environ, **roots_env(work, env_cls, args.threads)}
     load_before = os.getloadavg()
     m = run_measured(["timeout", "--kill-after=10", str(args.max_seconds), *cmd], env, poll_s=0.2, pss=True)
-    timed_out = m.returncode in bench_predict.TIMEOUT_CODES
+    timed_out = m.returncode in bench_predict_support.TIMEOUT_CODES
     row = {"tool": tool, "volume": vol, "seconds": round(m.seconds, 1), "timed_out": timed_out,
            "failed": m.returncode != 0 and not timed_out, "peak_pss_gb": round(m.peak_pss_gb, 2),
            "peak_rss_gb": round(m.peak_rss_gb, 2), "load_before": [round(x, 2) for x in load_before],
            "load_after": [round(x, 2) for x in os.getloadavg()]}
-    tiles = bench_predict._TILES_RE.findall(m.output_tail)
+    tiles = bench_predict_support._TILES_RE.findall(m.output_tail)
     if tiles:
         row["tiles_total"] = int(tiles[-1][1])
     if timed_out:
-        row.update(bench_predict.estimate_seconds(m.output_tail))
+        row.update(bench_predict_support.estimate_seconds(m.output_tail))
     if row["failed"]:
         row["output_tail"] = m.output_tail
     return row

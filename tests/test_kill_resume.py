@@ -34,18 +34,15 @@ import signal
 from pathlib import Path
 
 import pytest
-from kill_harness import (
-    KillLab,
-    KillPoint,
-    Stage,
+from kill_checks import (
     assert_same_b2nd,
     assert_same_checkpoint,
     assert_same_files,
     assert_same_image,
     assert_same_json,
     assert_same_log,
-    stratified_points,
 )
+from kill_harness import KillLab, KillPoint, Stage, stratified_points
 
 pytestmark = pytest.mark.slow
 
