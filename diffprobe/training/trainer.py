@@ -78,7 +78,15 @@ def lr_factor(step: int, cfg: TrainerConfig) -> float:
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point parameters and buffers."""
+    """Exponential moving average of a model's floating-point parameters and buffers.
+
+    The floating-point tensors move in one multi-tensor ``lerp`` (``torch._foreach_lerp_``: one fused
+    launch per chunk on a GPU) rather than one ``lerp_`` per tensor, read through ``parameters()`` and
+    ``buffers()`` rather than ``state_dict()`` (a ``detach`` per tensor): the old update dispatched ~1100
+    operator calls per step for the `tiny` denoiser, ~2000 for `paper` (``benchmarks/bench_step_overhead.py``)
+    -- host time a GPU step waits for. Same arithmetic, bit for bit (on a CPU the multi-tensor call runs
+    the per-tensor kernel).
+    """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -88,11 +96,16 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for e, m in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.lerp_(m.detach(), 1 - self.decay)
-            else:
+        # parameters, then buffers: the same order in the copy as in the model (no state_dict: its
+        # per-tensor detach is host time too)
+        mine = [*self.model.parameters(), *self.model.buffers()]
+        theirs = [*model.parameters(), *model.buffers()]
+        floats = [(e, m) for e, m in zip(mine, theirs) if e.dtype.is_floating_point]
+        for e, m in zip(mine, theirs):
+            if not e.dtype.is_floating_point:
                 e.copy_(m)
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1 - self.decay)
 
 
 class Trainer:
