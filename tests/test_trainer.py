@@ -101,3 +101,28 @@ def test_pickled_checkpoint_refused(tmp_path):
     torch.save({"format": 1, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(DiffprobeError, match="cannot be loaded safely"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_ema_update_is_the_per_tensor_lerp_bit_for_bit_and_copies_integer_buffers():
+    import copy
+
+    from diffprobe.training.trainer import EMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv3d(8, 4, 1),
+                              torch.nn.BatchNorm3d(4))
+    ema, reference = EMA(net, 0.99), copy.deepcopy(net)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[3].running_mean.add_(1.0)
+            net[3].num_batches_tracked += 1
+        ema.update(net)
+        with torch.no_grad():
+            for e, m in zip(reference.state_dict().values(), net.state_dict().values()):
+                e.lerp_(m, 0.01) if e.dtype.is_floating_point else e.copy_(m)
+    got, want = ema.model.state_dict(), reference.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert got["3.num_batches_tracked"].item() == 4
+    assert not torch.equal(got["0.weight"], net[0].weight.detach())  # an average, not a copy
