@@ -295,3 +295,39 @@ def test_return_output_false_skips_only_the_output_head():
         assert torch.equal(same[name], feat)
     with pytest.raises(ValueError, match="return_features"):
         net(x, t, g, return_output=False)
+
+
+def test_inference_path_computes_what_the_training_path_computes():
+    """Without autograd the blocks run SiLU in place, FiLM as addcmul and in-place residuals: the same
+    maths (to float rounding) as the ops autograd records, and the input is left untouched."""
+    from diffprobe.models import DiffusionUNet
+
+    torch.manual_seed(0)
+    levels = [{"stride_from_previous": [1, 1, 1], "channels": 8, "attention": "linear"},
+              {"stride_from_previous": [2, 2, 2], "channels": 16, "attention": "softmax"}]
+    net = DiffusionUNet(1, 3, levels, blocks_per_level=2).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)  # the residual branches start at zero: make every op count
+    x, g, t = torch.randn(2, 1, 8, 16, 16), torch.randn(2, 3, 8, 16, 16), torch.tensor([10, 60])
+    x_before = x.clone()
+    with torch.enable_grad():
+        ref = net(x, t, g, return_features=True)
+    with torch.inference_mode():
+        got = net(x, t, g, return_features=True)
+    assert torch.equal(x, x_before)
+    assert torch.allclose(got[0], ref[0], rtol=1e-4, atol=1e-5)
+    for k in ref[1]:
+        assert torch.allclose(got[1][k], ref[1][k], rtol=1e-4, atol=1e-5), k
+
+
+def test_in_place_residual_never_lowers_the_residual_streams_precision():
+    from diffprobe.models.unet3d import add_residual
+
+    h = torch.randn(2, 4, 3, 3, 3).bfloat16()
+    r = torch.randn(2, 4, 3, 3, 3)
+    out = add_residual(h.clone(), r)
+    assert out.dtype == torch.float32 and torch.equal(out, r + h)
+    same = torch.randn(2, 4, 3, 3, 3)
+    buf = same.clone()
+    assert add_residual(buf, r) is buf and torch.equal(buf, r + same)

@@ -70,6 +70,9 @@ class Attention3d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.split_heads(x)
         out = self.attend(q, k, v).reshape(x.shape)
+        if not torch.is_grad_enabled():  # inference: the residual added in place where the dtype allows
+            h = self.proj(out)
+            return h.add_(x) if h.dtype == x.dtype else x + h
         return x + self.proj(out)
 
     def attention_macs(self, batch: int, tokens: int) -> int:

@@ -84,6 +84,12 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
+def add_residual(h: Tensor, residual: Tensor) -> Tensor:
+    """``residual + h``, into ``h`` where that gives the same result (same dtype: under autocast a
+    bfloat16 ``h`` must not pull a float32 residual stream down to its precision)."""
+    return h.add_(residual) if h.dtype == residual.dtype and h.shape == residual.shape else residual + h
+
+
 class ResBlock3d(nn.Module):
     """GroupNorm-SiLU-Conv twice, timestep FiLM after the second norm, residual (1x1x1 skip if channels change).
 
@@ -105,8 +111,16 @@ class ResBlock3d(nn.Module):
         self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None, None].chunk(2, dim=1)
+        if not torch.is_grad_enabled():
+            # inference: the same maths with fewer full-size temporaries (SiLU in place, FiLM as one
+            # addcmul, residual added in place): the `cpu` class's predict forward took 0.88x the time
+            # on 2 threads, the same on 1 (docs/performance.md, "In-place inference"); training keeps
+            # autograd's ops
+            h = self.conv1(F.silu(self.norm1(x), inplace=True))
+            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+            return add_residual(self.conv2(F.silu(h, inplace=True)), self.skip(x))
+        h = self.conv1(F.silu(self.norm1(x)))
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(F.silu(h))
         return self.skip(x) + h
