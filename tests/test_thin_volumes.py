@@ -71,3 +71,42 @@ def test_guidance_shift_moves_each_patch_channel_by_one_constant(monkeypatch):
     g = LabelledPatches([vol], [24, 64, 64], 4, "bpr", 0.5, seed=0, guidance_shift=0.5).batch(3)["guidance"]
     lo, hi = g.amin(dim=(2, 3, 4)), g.amax(dim=(2, 3, 4))
     assert (lo == hi).all() and (hi.abs() <= 0.5).all() and len(set(hi.flatten().tolist())) == 12
+
+
+def test_mirror_padding_fills_a_thin_axis_with_the_volumes_own_slices_and_labels(monkeypatch):
+    """``thin_padding="mirror"``: outside a thin slab the patch holds the slab's slices mirrored at its
+    ends (image, labels and guidance alike, so every voxel is anatomy with its own label); the slab
+    itself is where ``"air"`` puts it, and thick axes are untouched."""
+    import diffprobe.probe.data as probe_data
+
+    z = np.arange(9, dtype=np.float32)[:, None, None]
+    image = np.broadcast_to(z / 10, (9, 80, 90))[None].copy()
+    seg = np.broadcast_to((z % 3 == 0).astype(np.float32), (9, 80, 90))[None].copy()
+    monkeypatch.setattr(probe_data, "open_array", lambda path: seg if "seg" in str(path) else image)
+    monkeypatch.setattr(probe_data, "patch_guidance",
+                        lambda mode, ref, start, size: read_region(np.broadcast_to(z, (3, 9, 80, 90)), start,
+                                                                   size, fill=0.0, edge=True))
+    ref = VolumeRef(Path("."), "slab", (9, 80, 90), (3.0, 1.5, 1.5))
+    vol = LabelledVolume(ref, {"1": [[3, 40, 45]]})
+    start = np.array([-5, 3, 7])
+    air = LabelledPatches([vol], [24, 64, 64], 1, "bpr", thin_padding="air").patch_at(vol, start)
+    mirror = LabelledPatches([vol], [24, 64, 64], 1, "bpr", thin_padding="mirror").patch_at(vol, start)
+    order = np.pad(np.arange(9), (5, 24 - 9 - 5), mode="symmetric")  # slice of the slab at each patch z
+    np.testing.assert_allclose(mirror["image"][0, :, 0, 0], order / 10, rtol=1e-6)
+    np.testing.assert_array_equal(mirror["seg"][:, 0, 0], (order % 3 == 0).astype(np.int64))
+    np.testing.assert_array_equal(mirror["guidance"][0, :, 0, 0], order)
+    assert (air["image"][0, :5] == -1).all() and (air["seg"][:5] == 0).all()  # air: nothing there
+    np.testing.assert_array_equal(mirror["image"][:, 5:14], air["image"][:, 5:14])  # the slab in place
+    np.testing.assert_array_equal(mirror["seg"][5:14], air["seg"][5:14])
+
+
+def test_thin_padding_setting_is_checked():
+    import pytest
+
+    from diffprobe.errors import DiffprobeError
+    from diffprobe.workflows.train_probe import probe_config
+
+    assert probe_config(None)["thin_padding"] == "air"
+    assert probe_config({"thin_padding": "mirror"})["thin_padding"] == "mirror"
+    with pytest.raises(DiffprobeError, match="thin_padding"):
+        probe_config({"thin_padding": "reflect"})

@@ -10,6 +10,11 @@ mirroring (the anatomy is not left-right symmetric); ``intensity`` (:class:`Inte
 changes contrast and brightness (enhanced organs differ by tens of HU between patients). An axis
 shorter than the patch lies at a random place inside it (``pretraining.data.place_short_axes``),
 and ``guidance_shift`` (default 0) offsets each patch's guidance channels by one uniform draw.
+``thin_padding``: what fills the rest of such an axis -- ``"air"`` (default: the image's air value, the
+guidance's edge coordinates, background labels; what the sliding window pads a thin scan with) or
+``"mirror"`` (image, labels and guidance mirrored at the volume's ends, ``numpy.pad`` "symmetric": the
+patch holds anatomy and its labels throughout, as every patch of a whole scan does; not combined with
+spatial augmentation, whose patches keep ``"air"``).
 Each patch carries its noise seed (case + start: fresh noise per case); the predictor seeds by
 tile start alone (``features.inference_seed``), so that a prediction never depends on the case's name.
 """
@@ -27,6 +32,20 @@ from diffprobe.pretraining import data as pdata
 from diffprobe.probe.augment import IntensityAugment, SpatialAugment, augmented_region
 from diffprobe.probe.features import patch_seed
 from diffprobe.utils import read_json
+
+THIN_PADDINGS = ("air", "mirror")
+
+
+def mirror_thin_axes(arrays: tuple, start: np.ndarray, shape, patch) -> tuple:
+    """Each (C, *patch) array (None passes through) with what lies outside the volume along its short
+    axes replaced by the volume's own slices mirrored at its ends (``numpy.pad`` "symmetric")."""
+    lo = [max(0, -int(s)) for s in start]
+    hi = [min(int(p), int(n) - int(s)) for s, n, p in zip(start, shape, patch)]
+    if all(a == 0 and b == p for a, b, p in zip(lo, hi, patch)):
+        return arrays
+    inside = (slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))
+    widths = [(0, 0)] + [(a, int(p) - b) for a, b, p in zip(lo, hi, patch)]
+    return tuple(None if a is None else np.pad(a[inside], widths, mode="symmetric") for a in arrays)
 
 
 @dataclass(frozen=True)
@@ -53,7 +72,8 @@ class LabelledPatches:
 
     def __init__(self, volumes: list[LabelledVolume], patch_size: list[int], batch_size: int, guidance: str,
                  oversample_foreground: float = 0.33, seed: int = 0, rank: int = 0, guidance_shift: float = 0.0,
-                 augment: SpatialAugment | None = None, intensity: IntensityAugment | None = None):
+                 augment: SpatialAugment | None = None, intensity: IntensityAugment | None = None,
+                 thin_padding: str = "air"):
         if not volumes:
             raise ValueError("no labelled volumes")
         self.volumes, self.patch, self.batch_size = volumes, tuple(int(p) for p in patch_size), batch_size
@@ -61,6 +81,9 @@ class LabelledPatches:
         self.guidance_shift = float(guidance_shift)
         self.augment = augment if augment is not None and augment.p > 0 else None
         self.intensity = intensity if intensity is not None and intensity.p > 0 else None
+        if thin_padding not in THIN_PADDINGS:
+            raise ValueError(f"thin_padding must be one of {THIN_PADDINGS}, got {thin_padding!r}")
+        self.thin_padding = thin_padding
 
     def _start(self, vol: LabelledVolume, rng: np.random.Generator, foreground: bool) -> np.ndarray:
         shape, patch = np.array(vol.ref.shape), np.array(self.patch)
@@ -88,6 +111,8 @@ class LabelledPatches:
         }
         if matrix is None:
             image, seg, guide = (read(start, self.patch) for read in readers.values())
+            if self.thin_padding == "mirror":
+                image, seg, guide = mirror_thin_axes((image, seg, guide), start, ref.shape, self.patch)
         else:
             image = augmented_region(readers["image"], start, self.patch, matrix, order=1)
             seg = augmented_region(readers["seg"], start, self.patch, matrix, order=0)

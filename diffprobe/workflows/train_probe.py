@@ -26,7 +26,7 @@ from diffprobe.pretraining import data as pdata
 from diffprobe.pretraining.bpr_maps import write_bpr_maps
 from diffprobe.pretraining.pretrained_model import PretrainedModel
 from diffprobe.probe.augment import IntensityAugment, SpatialAugment
-from diffprobe.probe.data import LabelledPatches, labelled_volumes
+from diffprobe.probe.data import THIN_PADDINGS, LabelledPatches, labelled_volumes
 from diffprobe.probe.feature_pool import FeaturePool, feature_bytes_per_patch, pool_size_for_budget
 from diffprobe.probe.head import HEADS
 from diffprobe.probe.losses import dice_per_class, segmentation_loss
@@ -49,7 +49,7 @@ PROBE_DEFAULTS: dict[str, Any] = {
     "steps": 1000, "batch_size": 2, "lr": 2e-2, "finetune_lr": 1e-4, "width": 32, "warmup_steps": 20,
     "checkpoint_every": 100, "validate_every": 100, "val_patches": 8, "oversample_foreground": 0.5,
     "levels": None, "pool_patches": 64, "pool_refresh": 250, "pool_gb": 4.0, "guidance_shift": 0.0,
-    "augment": 0.0, "intensity_augment": 0.0,
+    "augment": 0.0, "intensity_augment": 0.0, "thin_padding": "air",
 }
 PLANNED_KEYS = ("steps", "lr", "width", "batch_size")
 
@@ -71,6 +71,9 @@ def probe_config(overrides: dict[str, Any] | None, plans: dict | None = None) ->
             raise DiffprobeError(f"unknown probe setting '{key}'", fix=f"use one of {', '.join(cfg)}")
         if value is not None:
             cfg[key] = value
+    if cfg["thin_padding"] not in THIN_PADDINGS:
+        raise DiffprobeError(f"probe setting thin_padding={cfg['thin_padding']!r} is not one of "
+                             f"{', '.join(THIN_PADDINGS)}", fix="use --override thin_padding=air (default) or mirror")
     return cfg
 
 
@@ -234,7 +237,7 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
     rank = dist_utils.rank()
     source = LabelledPatches(train_vols, patch, cfg["batch_size"], pmeta["guidance"], cfg["oversample_foreground"],
                              seed, rank, guidance_shift=cfg["guidance_shift"],
-                             augment=SpatialAugment(p=float(cfg["augment"])),
+                             augment=SpatialAugment(p=float(cfg["augment"])), thin_padding=str(cfg["thin_padding"]),
                              intensity=IntensityAugment.for_normalization(
                                  float(cfg["intensity_augment"]), plans["preprocessing"]["normalization"]["0"]))
     validation = PatchValidation(probe, LabelledPatches(val_vols, patch, cfg["val_patches"], pmeta["guidance"], 1.0,
