@@ -110,3 +110,31 @@ def test_thin_padding_setting_is_checked():
     assert probe_config({"thin_padding": "mirror"})["thin_padding"] == "mirror"
     with pytest.raises(DiffprobeError, match="thin_padding"):
         probe_config({"thin_padding": "reflect"})
+
+
+def test_sliding_window_pads_a_thin_input_as_its_probe_trained():
+    """``thin_padding="mirror"`` at prediction: the tiles of a thin input hold its slices mirrored at
+    its ends (image and guidance), as the probe's training patches did; ``air`` keeps the air value."""
+    import torch
+
+    from diffprobe.predict.sliding_window import sliding_window_logits
+
+    volume = torch.arange(3, dtype=torch.float32)[None, :, None, None].expand(1, 3, 4, 4).contiguous()
+    guidance = volume.expand(3, 3, 4, 4) * 10
+    seen = {}
+
+    def predict_patch(image, guide, starts):
+        seen.setdefault("image", image[0, 0, :, 0, 0].tolist())
+        seen.setdefault("guidance", guide[0, 0, :, 0, 0].tolist())
+        return torch.zeros(image.shape[0], 2, *image.shape[2:])
+
+    for mode in ("mirror", "air"):
+        seen.clear()
+        out = sliding_window_logits(volume, guidance, predict_patch, 2, (8, 4, 4), thin_padding=mode)
+        assert out.shape == (2, 3, 4, 4)  # the padding is cropped off
+        order = np.pad(np.arange(3), ((8 - 3) // 2, 8 - 3 - (8 - 3) // 2), mode="symmetric")
+        if mode == "mirror":
+            assert seen["image"] == order.tolist() and seen["guidance"] == (order * 10).tolist()
+        else:
+            assert seen["image"] == [-1.0, -1.0, 0.0, 1.0, 2.0, -1.0, -1.0, -1.0]
+            assert seen["guidance"] == [0.0, 0.0, 0.0, 10.0, 20.0, 20.0, 20.0, 20.0]

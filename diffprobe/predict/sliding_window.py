@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -61,6 +62,16 @@ def _check_args(volume: Tensor, guidance: Tensor | None, patch_size: tuple[int, 
 
 
 @torch.no_grad()  # no_grad, not inference_mode: callers may modify the result in place afterwards
+def mirror_pad(t: Tensor, before: list[int], after: list[int]) -> Tensor:
+    """(C, z, y, x) padded by ``before``/``after`` voxels per axis with its own slices mirrored at its
+    ends (``numpy.pad`` "symmetric", any width) -- what ``thin_padding="mirror"`` trains on."""
+    for axis, (b, a) in enumerate(zip(before, after)):
+        if b or a:
+            index = np.pad(np.arange(t.shape[axis + 1]), (b, a), mode="symmetric")
+            t = t.index_select(axis + 1, torch.from_numpy(index).to(t.device))
+    return t
+
+
 def sliding_window_logits(
     volume: Tensor,
     guidance: Tensor | None,
@@ -73,6 +84,7 @@ def sliding_window_logits(
     device: torch.device | str = "cpu",
     accumulate_dtype: torch.dtype = torch.float32,
     pad_value: float = -1.0,
+    thin_padding: str = "air",
     progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Whole-volume logits ``(K, z, y, x)`` float32 on ``device``: Gaussian-weighted mean of tile logits.
@@ -83,7 +95,9 @@ def sliding_window_logits(
     **Padding**: an axis shorter than the patch is padded to the patch size, *centred* like
     nnU-Net's ``pad_nd_image`` (``before = (patch - n) // 2``, the odd voxel goes after); the image
     with ``pad_value`` (normalised air), the guidance by edge replication (a constant such as -1 would
-    be a real, wrong coordinate).  The padding is cropped off the result exactly.
+    be a real, wrong coordinate); with ``thin_padding="mirror"`` (a probe trained that way,
+    ``probe.data.mirror_thin_axes``) image and guidance are the volume's own slices mirrored at its ends.
+    The padding is cropped off the result exactly.
 
     **predict_patch(image_tiles, guidance_tiles, starts) -> logits**:
 
@@ -120,7 +134,10 @@ def sliding_window_logits(
     before = [max(p - n, 0) // 2 for n, p in zip(shape, patch_size)]
     after = [max(p - n, 0) - b for n, p, b in zip(shape, patch_size, before)]
     pad = [v for b, a in zip(reversed(before), reversed(after)) for v in (b, a)]  # F.pad: last axis first
-    if any(pad):
+    if any(pad) and thin_padding == "mirror":
+        volume = mirror_pad(volume, before, after)
+        guidance = mirror_pad(guidance, before, after) if guidance is not None else None
+    elif any(pad):
         volume = F.pad(volume, pad, value=pad_value)
         if guidance is not None:
             guidance = F.pad(guidance[None], pad, mode="replicate")[0]
