@@ -85,10 +85,8 @@ def ncm_accuracy(a: np.ndarray, b: np.ndarray, seg: np.ndarray) -> float:
 
 
 def measure(model_name: str, work: Path, timesteps: list[int] | None = None) -> dict:
-    import blosc2
-
     from diffprobe.diffusion import GaussianDiffusion
-    from diffprobe.preprocessing.storage import case_paths
+    from diffprobe.preprocessing.storage import case_paths, open_array
     from diffprobe.pretraining.pretrained_model import PretrainedModel
     from diffprobe.probe.features import FeatureExtractor
     from diffprobe.workflows.train_probe import dataset_volumes
@@ -96,9 +94,9 @@ def measure(model_name: str, work: Path, timesteps: list[int] | None = None) -> 
     model = PretrainedModel(model_name)
     refs, _, data_dir = dataset_volumes(DATASET, model, "cpu")
     ref = next(r for r in refs if r.identifier == TRAIN_CASE)
-    data = np.asarray(blosc2.open(str(ref.data_path), mode="r")[...], dtype=np.float32)
-    seg = np.asarray(blosc2.open(str(case_paths(data_dir, TRAIN_CASE)["seg"]), mode="r")[...])[0]
-    guide = np.asarray(blosc2.open(str(ref.guidance_path), mode="r")[...], dtype=np.float32)
+    data = np.asarray(open_array(ref.data_path)[...], dtype=np.float32)
+    seg = np.asarray(open_array(case_paths(data_dir, TRAIN_CASE)["seg"])[...])[0]
+    guide = np.asarray(open_array(ref.guidance_path)[...], dtype=np.float32)
     patch = list(model.plans.patch_size)
     timesteps = [int(t) for t in (timesteps or model.plans.feature_timesteps)]
     extractor = FeatureExtractor(model.load_denoiser("cpu"), GaussianDiffusion.from_plans(model.plans.raw),

@@ -39,6 +39,12 @@ def num_heads_for(channels: int, num_heads: int) -> int:
     return math.gcd(channels, num_heads) or 1
 
 
+def add_residual(h: Tensor, residual: Tensor) -> Tensor:
+    """``residual + h``, into ``h`` where that gives the same result (same dtype: under autocast a
+    bfloat16 ``h`` must not pull a float32 residual stream down to its precision)."""
+    return h.add_(residual) if h.dtype == residual.dtype and h.shape == residual.shape else residual + h
+
+
 class Attention3d(nn.Module):
     """Shared pre-norm residual multi-head attention over a (B, C, z, y, x) map; subclasses define :meth:`attend`.
 
@@ -70,9 +76,8 @@ class Attention3d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.split_heads(x)
         out = self.attend(q, k, v).reshape(x.shape)
-        if not torch.is_grad_enabled():  # inference: the residual added in place where the dtype allows
-            h = self.proj(out)
-            return h.add_(x) if h.dtype == x.dtype else x + h
+        if not torch.is_grad_enabled():  # inference: the residual added in place (ResBlock3d.forward)
+            return add_residual(self.proj(out), x)
         return x + self.proj(out)
 
     def attention_macs(self, batch: int, tokens: int) -> int:

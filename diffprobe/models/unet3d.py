@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffprobe.models.attention import ATTENTION_KINDS, Attention3d, make_attention, num_groups
+from diffprobe.models.attention import ATTENTION_KINDS, Attention3d, add_residual, make_attention, num_groups
 
 ATTENTION_MODES = ("planned", "none", *ATTENTION_KINDS)
 # Kernel sizes (first conv, second conv) of the residual block that replaces each attention block
@@ -82,12 +82,6 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
-
-
-def add_residual(h: Tensor, residual: Tensor) -> Tensor:
-    """``residual + h``, into ``h`` where that gives the same result (same dtype: under autocast a
-    bfloat16 ``h`` must not pull a float32 residual stream down to its precision)."""
-    return h.add_(residual) if h.dtype == residual.dtype and h.shape == residual.shape else residual + h
 
 
 class ResBlock3d(nn.Module):

@@ -49,7 +49,7 @@ def share_key(probe: TrainedProbe) -> tuple | None:
     if meta.get("finetune") or not meta.get("pretrained_checksum"):
         return None
     return (meta["pretrained"], meta["pretrained_checksum"], meta.get("guidance"), probe.patch_size,
-            probe.model.extractor.signature, (meta.get("config") or {}).get("thin_padding", "air"))
+            probe.model.extractor.signature, probe.thin_padding)
 
 
 def group_probes(probes: list[TrainedProbe], share: bool = True) -> list[ProbeGroup]:

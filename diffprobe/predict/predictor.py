@@ -73,11 +73,6 @@ def volume_guidance(probe: TrainedProbe, data: np.ndarray, identifier: str,
     return _guidance(probe, data, spacing, device)
 
 
-def thin_padding(probe: TrainedProbe) -> str:
-    """How the probe's training filled thin axes (``config.thin_padding``; probes before it: ``air``)."""
-    return str((probe.meta.get("config") or {}).get("thin_padding", "air"))
-
-
 @torch.no_grad()
 def _ensemble_logits(groups: list[ProbeGroup], data: np.ndarray, spacing: list[float],
                      device: torch.device, step_size: float, tta: bool | int, progress,
@@ -105,7 +100,7 @@ def _ensemble_logits(groups: list[ProbeGroup], data: np.ndarray, spacing: list[f
         logits = sliding_window_logits(
             volume, guidance_cache[key], group_patch_predictor(group, device, settings, draws), probe.num_classes,
             probe.patch_size, step_size=step_size, batch_size=settings.tile_batch,
-            mirror_axes=mirror_axes, device=device, thin_padding=thin_padding(probe),
+            mirror_axes=mirror_axes, device=device, thin_padding=probe.thin_padding,
             accumulate_dtype=torch.float16 if device.type == "cuda" else torch.float32, progress=progress)
         n = len(group.probes)  # the window holds the group's mean: it counts n times in the ensemble
         if total is None:

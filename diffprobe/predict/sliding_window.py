@@ -61,7 +61,6 @@ def _check_args(volume: Tensor, guidance: Tensor | None, patch_size: tuple[int, 
         raise ValueError(f"accumulate_dtype must be torch.float32 or torch.float16, got {accumulate_dtype}")
 
 
-@torch.no_grad()  # no_grad, not inference_mode: callers may modify the result in place afterwards
 def mirror_pad(t: Tensor, before: list[int], after: list[int]) -> Tensor:
     """(C, z, y, x) padded by ``before``/``after`` voxels per axis with its own slices mirrored at its
     ends (``numpy.pad`` "symmetric", any width) -- what ``thin_padding="mirror"`` trains on."""
@@ -72,6 +71,7 @@ def mirror_pad(t: Tensor, before: list[int], after: list[int]) -> Tensor:
     return t
 
 
+@torch.no_grad()  # no_grad, not inference_mode: callers may modify the result in place afterwards
 def sliding_window_logits(
     volume: Tensor,
     guidance: Tensor | None,

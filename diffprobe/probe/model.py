@@ -88,6 +88,11 @@ class TrainedProbe:
     def num_classes(self) -> int:
         return int(self.meta["num_classes"])
 
+    @property
+    def thin_padding(self) -> str:
+        """How training filled the short axes of thin volumes (``config.thin_padding``; older probes: air)."""
+        return str((self.meta.get("config") or {}).get("thin_padding", "air"))
+
 
 _PROBE_KEYS = ("dataset", "pretrained", "pretrained_checksum", "guidance", "head", "finetune", "timesteps",
                "levels", "patch_size", "num_classes", "labels", "config", "plans")

@@ -98,14 +98,15 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         # parameters, then buffers: the same order in the copy as in the model (no state_dict: its
         # per-tensor detach is host time too)
-        mine = [*self.model.parameters(), *self.model.buffers()]
-        theirs = [*model.parameters(), *model.buffers()]
-        floats = [(e, m) for e, m in zip(mine, theirs) if e.dtype.is_floating_point]
-        for e, m in zip(mine, theirs):
-            if not e.dtype.is_floating_point:
+        averaged: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for e, m in zip([*self.model.parameters(), *self.model.buffers()], [*model.parameters(), *model.buffers()]):
+            if e.dtype.is_floating_point:
+                averaged[0].append(e)
+                averaged[1].append(m)
+            else:
                 e.copy_(m)
-        if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1 - self.decay)
+        if averaged[0]:
+            torch._foreach_lerp_(*averaged, 1 - self.decay)
 
 
 class Trainer:
