@@ -98,6 +98,19 @@ def test_mirror_padding_fills_a_thin_axis_with_the_volumes_own_slices_and_labels
     assert (air["image"][0, :5] == -1).all() and (air["seg"][:5] == 0).all()  # air: nothing there
     np.testing.assert_array_equal(mirror["image"][:, 5:14], air["image"][:, 5:14])  # the slab in place
     np.testing.assert_array_equal(mirror["seg"][5:14], air["seg"][5:14])
+    assert LabelledPatches([vol], [24, 64, 64], 1, "bpr").thin_padding == "mirror"  # the default
+
+    # a spatially augmented patch reads its source box the same way: anatomy along z, never air
+    from diffprobe.probe.augment import SpatialAugment
+
+    rng = np.random.default_rng(0)
+    matrix = next(m for m in (SpatialAugment(p=1.0).draw(rng, ref.spacing) for _ in range(20)) if m is not None)
+    warped = {mode: LabelledPatches([vol], [24, 64, 64], 1, "bpr", thin_padding=mode).patch_at(vol, start,
+                                                                                            matrix=matrix)
+              for mode in ("air", "mirror")}
+    centre = warped["mirror"]["image"][0, :, 32, 32]
+    assert (centre >= 0).all() and (centre <= 0.8 + 1e-6).all()  # slab values only (0 .. 0.8)
+    assert (warped["air"]["image"][0, :3, 32, 32] == -1).all()  # air: the fill above the slab
 
 
 def test_thin_padding_setting_is_checked():
@@ -106,8 +119,8 @@ def test_thin_padding_setting_is_checked():
     from diffprobe.errors import DiffprobeError
     from diffprobe.workflows.train_probe import probe_config
 
-    assert probe_config(None)["thin_padding"] == "air"
-    assert probe_config({"thin_padding": "mirror"})["thin_padding"] == "mirror"
+    assert probe_config(None)["thin_padding"] == "mirror"  # the default since 2026-11-30 (docs/results.md)
+    assert probe_config({"thin_padding": "air"})["thin_padding"] == "air"
     with pytest.raises(DiffprobeError, match="thin_padding"):
         probe_config({"thin_padding": "reflect"})
 

@@ -10,11 +10,11 @@ mirroring (the anatomy is not left-right symmetric); ``intensity`` (:class:`Inte
 changes contrast and brightness (enhanced organs differ by tens of HU between patients). An axis
 shorter than the patch lies at a random place inside it (``pretraining.data.place_short_axes``),
 and ``guidance_shift`` (default 0) offsets each patch's guidance channels by one uniform draw.
-``thin_padding``: what fills the rest of such an axis -- ``"air"`` (default: the image's air value, the
-guidance's edge coordinates, background labels; what the sliding window pads a thin scan with) or
-``"mirror"`` (image, labels and guidance mirrored at the volume's ends, ``numpy.pad`` "symmetric": the
-patch holds anatomy and its labels throughout, as every patch of a whole scan does; not combined with
-spatial augmentation, whose patches keep ``"air"``).
+``thin_padding``: what fills the rest of such an axis -- ``"mirror"`` (default: image, labels and
+guidance mirrored at the volume's ends, ``numpy.pad`` "symmetric": the patch holds anatomy and its labels
+throughout, as every patch of a whole scan does; spatially augmented patches read their source box the
+same way) or ``"air"`` (the image's air value, the guidance's edge coordinates, background labels).
+The predictor pads a thin input as its probe trained (``TrainedProbe.thin_padding``).
 Each patch carries its noise seed (case + start: fresh noise per case); the predictor seeds by
 tile start alone (``features.inference_seed``), so that a prediction never depends on the case's name.
 """
@@ -36,15 +36,17 @@ from diffprobe.utils import read_json
 THIN_PADDINGS = ("air", "mirror")
 
 
-def mirror_thin_axes(arrays: tuple, start: np.ndarray, shape, patch) -> tuple:
-    """Each (C, *patch) array (None passes through) with what lies outside the volume along its short
-    axes replaced by the volume's own slices mirrored at its ends (``numpy.pad`` "symmetric")."""
-    lo = [max(0, -int(s)) for s in start]
-    hi = [min(int(p), int(n) - int(s)) for s, n, p in zip(start, shape, patch)]
-    if all(a == 0 and b == p for a, b, p in zip(lo, hi, patch)):
+def mirror_thin_axes(arrays: tuple, start, shape, size, thin=None) -> tuple:
+    """Each (C, *size) array (None passes through), read at ``start`` from a volume of ``shape``, with what
+    lies outside the volume along its ``thin`` axes (default: every axis) replaced by the volume's own
+    slices mirrored at its ends (``numpy.pad`` "symmetric"); other axes keep what the read filled in."""
+    thin = [True] * len(shape) if thin is None else list(thin)
+    lo = [max(0, -int(s)) if t else 0 for s, t in zip(start, thin)]
+    hi = [min(int(p), int(n) - int(s)) if t else int(p) for s, n, p, t in zip(start, shape, size, thin)]
+    if all(a == 0 and b == p for a, b, p in zip(lo, hi, size)):
         return arrays
     inside = (slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))
-    widths = [(0, 0)] + [(a, int(p) - b) for a, b, p in zip(lo, hi, patch)]
+    widths = [(0, 0)] + [(a, int(p) - b) for a, b, p in zip(lo, hi, size)]
     return tuple(None if a is None else np.pad(a[inside], widths, mode="symmetric") for a in arrays)
 
 
@@ -73,7 +75,7 @@ class LabelledPatches:
     def __init__(self, volumes: list[LabelledVolume], patch_size: list[int], batch_size: int, guidance: str,
                  oversample_foreground: float = 0.33, seed: int = 0, rank: int = 0, guidance_shift: float = 0.0,
                  augment: SpatialAugment | None = None, intensity: IntensityAugment | None = None,
-                 thin_padding: str = "air"):
+                 thin_padding: str = "mirror"):
         if not volumes:
             raise ValueError("no labelled volumes")
         self.volumes, self.patch, self.batch_size = volumes, tuple(int(p) for p in patch_size), batch_size
@@ -104,15 +106,19 @@ class LabelledPatches:
         """The patch at ``start``; ``matrix`` (``SpatialAugment.draw``) resamples it rotated / zoomed."""
         ref = vol.ref
         seed = patch_seed(ref.identifier, start)
-        readers = {
+        plain = {
             "image": lambda at, size: pdata.read_region(open_array(ref.data_path), at, size, fill=-1.0),
             "seg": lambda at, size: pdata.read_region(open_array(vol.seg_path), at, size, fill=0.0),
             "guidance": lambda at, size: patch_guidance(self.guidance, ref, at, size),
         }
+        readers = plain
+        if self.thin_padding == "mirror":  # thin axes: the volume's own slices mirrored, not the fill
+            thin = [int(n) < p for n, p in zip(ref.shape, self.patch)]
+            readers = {k: (lambda at, size, read=read: mirror_thin_axes((read(at, size),), at, ref.shape, size,
+                                                                      thin)[0])
+                       for k, read in plain.items()}
         if matrix is None:
             image, seg, guide = (read(start, self.patch) for read in readers.values())
-            if self.thin_padding == "mirror":
-                image, seg, guide = mirror_thin_axes((image, seg, guide), start, ref.shape, self.patch)
         else:
             image = augmented_region(readers["image"], start, self.patch, matrix, order=1)
             seg = augmented_region(readers["seg"], start, self.patch, matrix, order=0)

@@ -49,7 +49,7 @@ PROBE_DEFAULTS: dict[str, Any] = {
     "steps": 1000, "batch_size": 2, "lr": 2e-2, "finetune_lr": 1e-4, "width": 32, "warmup_steps": 20,
     "checkpoint_every": 100, "validate_every": 100, "val_patches": 8, "oversample_foreground": 0.5,
     "levels": None, "pool_patches": 64, "pool_refresh": 250, "pool_gb": 4.0, "guidance_shift": 0.0,
-    "augment": 0.0, "intensity_augment": 0.0, "thin_padding": "air",
+    "augment": 0.0, "intensity_augment": 0.0, "thin_padding": "mirror",
 }
 PLANNED_KEYS = ("steps", "lr", "width", "batch_size")
 
@@ -73,7 +73,7 @@ def probe_config(overrides: dict[str, Any] | None, plans: dict | None = None) ->
             cfg[key] = value
     if cfg["thin_padding"] not in THIN_PADDINGS:
         raise DiffprobeError(f"probe setting thin_padding={cfg['thin_padding']!r} is not one of "
-                             f"{', '.join(THIN_PADDINGS)}", fix="use --override thin_padding=air (default) or mirror")
+                             f"{', '.join(THIN_PADDINGS)}", fix="use --override thin_padding=mirror (default) or air")
     return cfg
 
 
@@ -241,7 +241,8 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
                              intensity=IntensityAugment.for_normalization(
                                  float(cfg["intensity_augment"]), plans["preprocessing"]["normalization"]["0"]))
     validation = PatchValidation(probe, LabelledPatches(val_vols, patch, cfg["val_patches"], pmeta["guidance"], 1.0,
-                                                        seed + 1), labels, cfg["batch_size"])
+                                                        seed + 1, thin_padding=str(cfg["thin_padding"])),
+                                 labels, cfg["batch_size"])
     tcfg = TrainerConfig(total_steps=cfg["steps"], lr=cfg["finetune_lr"] if finetune else cfg["lr"],
                          warmup_steps=cfg["warmup_steps"], checkpoint_every=cfg["checkpoint_every"], seed=seed,
                          samples_per_step=cfg["batch_size"], validate_every=cfg["validate_every"],
