@@ -32,6 +32,17 @@ from real_ct import DATASET, ORGANS, UNLABELLED, use_work_roots  # noqa: E402
 SCANS = ("crlm1004", "crlm1006", "pancreas001")
 
 
+def scan_inputs(work: Path, folder: str, scans) -> tuple[dict[str, int], Path]:
+    """The dataset's labels and ``<work>/<folder>/img`` holding the scans' images (copied once)."""
+    labels = json.loads((work / "raw" / DATASET / "dataset.json").read_text())["labels"]
+    inputs = work / folder / "img"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for scan in scans:
+        if not (inputs / f"{scan}_0000.nii.gz").exists():
+            shutil.copy(UNLABELLED / f"{scan}_0000.nii.gz", inputs / f"{scan}_0000.nii.gz")
+    return labels, inputs
+
+
 def organ_stats(seg: np.ndarray, spacing_zyx: tuple[float, ...], label: int) -> dict:
     """Volume, components, largest-component share and z extent of one label in a (z, y, x) map."""
     from scipy import ndimage
@@ -90,12 +101,7 @@ def main() -> None:
 
     from diffprobe.predict.predictor import predict
 
-    labels = json.loads((work / "raw" / DATASET / "dataset.json").read_text())["labels"]
-    inputs = work / "whole_scans" / "img"
-    inputs.mkdir(parents=True, exist_ok=True)
-    for scan in args.scans:
-        if not (inputs / f"{scan}_0000.nii.gz").exists():
-            shutil.copy(UNLABELLED / f"{scan}_0000.nii.gz", inputs / f"{scan}_0000.nii.gz")
+    labels, inputs = scan_inputs(work, "whole_scans", args.scans)
     images, spacings = {}, {}
     for scan in args.scans:  # each file read once: its voxels and its (z, y, x) spacing
         image = sitk.ReadImage(str(inputs / f"{scan}_0000.nii.gz"))

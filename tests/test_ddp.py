@@ -57,7 +57,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     tr = Trainer(_fresh_model(), _loss_fn, cfg, os.path.join(out, "run"), device)
     tr.fit(lambda s: _batches(rank, s), show_progress=False)
     torch.save(tr.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    del tr
+    dist_utils.shutdown()  # as the CLI leaves: barrier, then the group freed
+    assert not dist_utils.is_distributed()
 
 
 def test_ddp_gloo_weights_identical(tmp_path):
@@ -86,7 +88,8 @@ def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
     same = all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(),
                                                    resumed.model.state_dict().values()))
     torch.save({"same": torch.tensor(same)}, os.path.join(out, f"resume_rank{rank}.pt"))
-    dist.destroy_process_group()
+    del full, part, resumed
+    dist_utils.shutdown()
 
 
 def test_ddp_resume_equals_uninterrupted(tmp_path):
@@ -136,3 +139,28 @@ def test_a_loader_processes_user_error_becomes_one_clean_message():
     assert dist_utils.worker_user_error(RuntimeError("plain")) is None
     bug = RuntimeError(str(wrapped).replace("diffprobe.errors.DiffprobeError", "ZeroDivisionError"))
     assert dist_utils.worker_user_error(bug) is None
+
+
+def test_shutdown_meets_in_a_barrier_after_success_and_always_frees_the_group(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dist_utils, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    dist_utils.shutdown()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    dist_utils.shutdown(success=False)  # after an error a peer may be gone: no waiting for it
+    assert calls == ["destroy"]
+    calls.clear()
+
+    def lost():
+        calls.append("barrier")
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(dist, "barrier", lost)
+    dist_utils.shutdown()
+    assert calls == ["barrier", "destroy"]
+    monkeypatch.setattr(dist_utils, "is_distributed", lambda: False)
+    calls.clear()
+    dist_utils.shutdown()
+    assert calls == []  # a single process has no group

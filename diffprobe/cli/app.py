@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         console.print(INTERRUPTED)
         code = 130
+    distributed = sys.modules.get("diffprobe.training.distributed")  # not imported: no process group
+    if distributed is not None:
+        distributed.shutdown(success=code == 0)  # torchrun: the group is freed before the interpreter exits
     if argv is None:
         sys.exit(code)
     return code

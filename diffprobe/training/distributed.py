@@ -19,6 +19,13 @@ until the process-group timeout or, for some NCCL failures, for good. So:
   a watchdog thread, woken by the signal itself, exits such a rank :data:`STOP_GRACE_S` seconds later.
 - Every collective waits at most the process group's timeout, set explicitly at
   ``init_process_group`` from ``DIFFPROBE_DDP_TIMEOUT_MINUTES`` (default 30; docs/distributed.md).
+
+Leaving together. :func:`shutdown` (the CLI calls it after every command) frees the process group
+while the interpreter is alive: after a successful command the ranks first meet in a barrier, so no
+rank tears its connections down while a peer still writes its reports, then the group is destroyed.
+A gloo rank that exited while its peer was still busy aborted now and then at exit ("terminate called
+without an active exception", SIGABRT; 2 of 64 two-rank runs of the resume test, docs/distributed.md),
+which torchrun reports as a failed run.
 """
 
 from __future__ import annotations
@@ -65,6 +72,26 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def shutdown(success: bool = True) -> None:
+    """Free the process group before the process exits (see the module doc); a no-op without DDP.
+
+    ``success``: every rank finished its command (they stop together), so they wait for each other in
+    a barrier first; after an error a peer may be gone, and the group is only destroyed.
+    """
+    if not is_distributed():
+        return
+    import gc
+
+    gc.collect()  # DDP wrappers of finished trainers hold the group: released here, not at finalization
+    try:
+        if success:
+            dist.barrier()
+    except RuntimeError:  # a peer is gone after all: nothing left to wait for
+        pass
+    finally:
+        dist.destroy_process_group()
 
 
 def main_process_value(value):
