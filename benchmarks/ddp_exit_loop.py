@@ -2,7 +2,7 @@
 
 A rank that left its process group to interpreter finalization aborted now and then at exit
 ("terminate called without an active exception", SIGABRT); ``distributed.shutdown`` (called by the
-CLI after every command, and by the test's workers) frees it first. Too rare for one test run to
+`diffprobe` console script before it exits, and by the test's workers) frees it first. Too rare for one run to
 show (2 of 64 runs before the fix), so it is counted here (docs/distributed.md, "Leaving together"):
 
     python benchmarks/ddp_exit_loop.py --runs 96

@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         console.print(INTERRUPTED)
         code = 130
-    distributed = sys.modules.get("diffprobe.training.distributed")  # not imported: no process group
-    if distributed is not None:
-        distributed.shutdown(success=code == 0)  # torchrun: the group is freed before the interpreter exits
-    if argv is None:
+    if argv is None:  # the console script: the process ends here
+        distributed = sys.modules.get("diffprobe.training.distributed")  # not imported: no process group
+        if distributed is not None:  # torchrun: the group is freed before the interpreter exits
+            distributed.shutdown(success=code == 0)
         sys.exit(code)
     return code

@@ -20,7 +20,7 @@ until the process-group timeout or, for some NCCL failures, for good. So:
 - Every collective waits at most the process group's timeout, set explicitly at
   ``init_process_group`` from ``DIFFPROBE_DDP_TIMEOUT_MINUTES`` (default 30; docs/distributed.md).
 
-Leaving together. :func:`shutdown` (the CLI calls it after every command) frees the process group
+Leaving together. :func:`shutdown` (the console script calls it before it exits) frees the process group
 while the interpreter is alive: after a successful command the ranks first meet in a barrier, so no
 rank tears its connections down while a peer still writes its reports, then the group is destroyed.
 A gloo rank that exited while its peer was still busy aborted now and then at exit ("terminate called
