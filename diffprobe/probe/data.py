@@ -36,18 +36,19 @@ from diffprobe.utils import read_json
 THIN_PADDINGS = ("air", "mirror")
 
 
-def mirror_thin_axes(arrays: tuple, start, shape, size, thin=None) -> tuple:
-    """Each (C, *size) array (None passes through), read at ``start`` from a volume of ``shape``, with what
-    lies outside the volume along its ``thin`` axes (default: every axis) replaced by the volume's own
-    slices mirrored at its ends (``numpy.pad`` "symmetric"); other axes keep what the read filled in."""
-    thin = [True] * len(shape) if thin is None else list(thin)
+def mirror_thin_axes(array: np.ndarray | None, start, shape, size, thin) -> np.ndarray | None:
+    """The (C, *size) ``array`` read at ``start`` from a volume of ``shape`` (None passes through), with
+    what lies outside the volume along its ``thin`` axes replaced by the volume's own slices mirrored at
+    its ends (``numpy.pad`` "symmetric"); other axes keep what the read filled in."""
+    if array is None:
+        return None
     lo = [max(0, -int(s)) if t else 0 for s, t in zip(start, thin)]
     hi = [min(int(p), int(n) - int(s)) if t else int(p) for s, n, p, t in zip(start, shape, size, thin)]
     if all(a == 0 and b == p for a, b, p in zip(lo, hi, size)):
-        return arrays
+        return array
     inside = (slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))
     widths = [(0, 0)] + [(a, int(p) - b) for a, b, p in zip(lo, hi, size)]
-    return tuple(None if a is None else np.pad(a[inside], widths, mode="symmetric") for a in arrays)
+    return np.pad(array[inside], widths, mode="symmetric")
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,7 @@ class LabelledPatches:
         readers = plain
         if self.thin_padding == "mirror":  # thin axes: the volume's own slices mirrored, not the fill
             thin = [int(n) < p for n, p in zip(ref.shape, self.patch)]
-            readers = {k: (lambda at, size, read=read: mirror_thin_axes((read(at, size),), at, ref.shape, size,
-                                                                      thin)[0])
+            readers = {k: (lambda at, size, read=read: mirror_thin_axes(read(at, size), at, ref.shape, size, thin))
                        for k, read in plain.items()}
         if matrix is None:
             image, seg, guide = (read(start, self.patch) for read in readers.values())
