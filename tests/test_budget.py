@@ -98,7 +98,8 @@ def test_record_in_plans():
     plans = plan_with(30)
     rec = plans["training"]["budget"]
     assert rec["minutes"] == 30 and rec["device"] == "cpu"
-    assert rec["split"] == {"bpr": 0.15, "diffusion": 0.6, "probe": 0.2, "margin": 0.05}
+    assert rec["split"] == {**budget.SPLIT, "margin": budget.MARGIN}
+    assert sum(budget.SPLIT.values()) + budget.MARGIN == pytest.approx(1.0)
     assert [c["size_class"] for c in rec["candidates"]] == ["tiny", "cpu", "small"]
     for c in rec["candidates"]:
         if c["timed"].startswith("skipped"):
@@ -224,9 +225,9 @@ def test_cli_budget_minutes(roots, monkeypatch, capsys):
     make_raw_dataset(roots["raw"], dataset_id=5, n_labelled=2, n_unlabelled=0)
     monkeypatch.setattr(budget, "measure_step_seconds",
                         lambda plans, device, max_diffusion_seconds=None: dict(TIMINGS[plans["size_class"]]))
-    assert main(["plan_and_preprocess", "-d", "5", "-np", "1", "--budget_minutes", "25", "-device", "cpu"]) == 0
+    assert main(["plan_and_preprocess", "-d", "5", "-np", "1", "--budget_minutes", "30", "-device", "cpu"]) == 0
     plans = load_plans(roots["preprocessed"] / "Dataset005_Tiny" / "diffprobe" / "plans.json")
     rec = plans["training"]["budget"]
-    assert rec["minutes"] == 25 and rec["device"] == "cpu" and plans["size_class"] == rec["chosen"] == "cpu"
+    assert rec["minutes"] == 30 and rec["device"] == "cpu" and plans["size_class"] == rec["chosen"] == "cpu"
     assert main(["plan_and_preprocess", "-d", "5", "-np", "1", "--budget_minutes", "-3", "-device", "cpu"]) == 1
     assert "budget_minutes" in capsys.readouterr().err
