@@ -34,8 +34,9 @@ whose pretraining (BPR + diffusion) plus probe training take about 30 minutes he
    default (2x: more steps of this small network buy little), probe steps at 4x; the seconds a
    cap frees go to diffusion. The probe's share is large because its steps are what fit the
    labels: on the shared real CT the same pretrained model's probe fitted its training case at
-   mean Dice 0.75 after 2000 steps and 0.83 after 4000 (``docs/results.md``, "More probe steps"). Steps fixed by the user this run
-   (``--override training.<stage>.steps=N``) are kept and paid for first.
+   mean Dice 0.75 after 2000 steps and 0.83 after 4000 (``docs/results.md``, "More probe steps").
+   Steps fixed by the user this run (``--override training.<stage>.steps=N``) are kept and paid
+   for first.
 4. **Choice**: the largest candidate whose steps reach the class's minimum in every stage,
    ``max(MIN_STEPS[stage], MIN_FRACTION x class default)``: a larger network trained far
    short of its schedule is worse than a smaller one trained fully. When not even the
