@@ -98,7 +98,7 @@ def test_record_in_plans():
     plans = plan_with(30)
     rec = plans["training"]["budget"]
     assert rec["minutes"] == 30 and rec["device"] == "cpu"
-    assert rec["split"] == {**budget.SPLIT, "margin": budget.MARGIN}
+    assert rec["split"] == {"bpr": 0.15, "diffusion": 0.45, "probe": 0.35, "margin": 0.05}
     assert sum(budget.SPLIT.values()) + budget.MARGIN == pytest.approx(1.0)
     assert [c["size_class"] for c in rec["candidates"]] == ["tiny", "cpu", "small"]
     for c in rec["candidates"]:
