@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="realct")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every stage: planning's timing, training, predict)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="pretraining's and the probe's seed (a second run: another seed)")
     args = ap.parse_args()
     if not (LABELLED / "abdomen_dicom_0000.nii.gz").is_file():
         sys.exit(f"{LABELLED} not found")
@@ -146,7 +148,7 @@ def main() -> None:
     if args.target_spacing:
         plan += ["--target_spacing", *map(str, args.target_spacing)]
     run(plan, env, log)
-    pre = ["pretrain", "-d", "10", "--name", args.name, "-device", args.device]
+    pre = ["pretrain", "-d", "10", "--name", args.name, "-device", args.device, "--seed", str(args.seed)]
     if args.bpr_steps is not None:
         pre += ["--bpr_steps", str(args.bpr_steps)]
     if args.diffusion_steps is not None:
@@ -155,7 +157,8 @@ def main() -> None:
     if not model_done:
         run(pre + (["--c"] if (work / "results" / "pretrained" / args.name / "model.json").is_file() else []),
             env, log)
-    train = ["train", "-d", "10", "-f", "all", "--pretrained", args.name, "-device", args.device]
+    train = ["train", "-d", "10", "-f", "all", "--pretrained", args.name, "-device", args.device,
+             "--seed", str(args.seed)]
     if args.probe_steps is not None:
         train += ["--steps", str(args.probe_steps)]
     results = work / "results" / DATASET / "diffprobe" / f"{args.name}__fpn" / "fold_all"
@@ -172,7 +175,7 @@ def main() -> None:
               "target_spacing": plans["preprocessing"]["target_spacing"], "budget": plans["training"].get("budget"),
               "total_seconds": round(sum(e["seconds"] for e in log), 1),
               "total_cpu_seconds": round(sum(e["cpu_seconds"] for e in log), 1), "threads": args.threads,
-              "device": args.device, "steps": (plans["training"].get("budget") or {}).get("steps"),
+              "device": args.device, "seed": args.seed, "steps": (plans["training"].get("budget") or {}).get("steps"),
               "data": str(SHARED)}
     (work / "real_ct_report.json").write_text(json.dumps(report, indent=1))
     print(f"\n{'row':<22}" + "".join(f"{o[:10]:>11}" for o in ORGANS) + f"{'mean':>8}")

@@ -30,6 +30,7 @@ which torchrun reports as a failed run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -38,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -236,6 +238,8 @@ def _payload(error: BaseException) -> tuple[int, dict[str, str | None]]:
 def _agree(context: str, error: BaseException | None) -> None:
     """Every rank calls this at the same point; returns only when no rank reports an error."""
     code, payload = _payload(error) if error is not None else (_OK, None)
+    if payload is not None:
+        payload["context"] = context  # the message names where the failing rank was, on every rank
     n, me = world_size(), rank()
     _stop_signals["defer"] += 1  # a signal now would leave the other ranks in this collective: it waits
     try:
@@ -248,9 +252,7 @@ def _agree(context: str, error: BaseException | None) -> None:
     finally:
         _stop_signals["defer"] -= 1
     if payloads is None:
-        if _stop_signals["pending"]:  # arrived during the agreement: raised now, announced at the next one
-            _stop_signals["pending"] = False
-            raise KeyboardInterrupt(signal.Signals(_stop_signals["received"]).name)
+        _raise_pending_stop()  # arrived during the agreement: raised now, announced at the next one
         return
     codes_list = [int(c) for c in codes.tolist()]
     failed = [r for r, c in enumerate(codes_list) if c]
@@ -258,11 +260,39 @@ def _agree(context: str, error: BaseException | None) -> None:
     others = f" (rank {', '.join(map(str, failed[1:]))} stopped too)" if len(failed) > 1 else ""
     p = payloads[first]
     if codes_list[first] == _INTERRUPTED:
-        message = f"{context}: rank {first} of {n} {p['what']}{others}; all {n} ranks stop"
+        message = f"{p.get('context') or context}: rank {first} of {n} {p['what']}{others}; all {n} ranks stop"
         print(message, file=sys.stderr, flush=True)
         raise RanksInterrupted(message) from error
     raise RankStopped(f"rank {first} of {n}: {p['what']}{others}; all {n} ranks stopped", p["file"],
                       p["fix"]) from error
+
+
+def _raise_pending_stop() -> None:
+    """Raise the stop signal that arrived while signals were deferred, once no deferral is open."""
+    if _stop_signals["pending"] and not _stop_signals["defer"]:
+        _stop_signals["pending"] = False
+        raise KeyboardInterrupt(signal.Signals(_stop_signals["received"]).name)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A stop signal inside the block is raised at its end (a no-op without DDP).
+
+    For a stretch of collectives every rank must join in the same order: DDP's forward (its bucket
+    rebuild broadcasts) and backward (the gradient all-reduce). A rank that left it on a signal would
+    meet its peers' gradient buckets with its stop agreement, a collective mismatch that gloo answers
+    by aborting the peer ("Received data size doesn't match expected size"; 1 in 15 launcher-SIGTERM
+    runs, docs/distributed.md). The watchdog still ends a rank blocked in the stretch for good.
+    """
+    if not is_distributed():
+        yield
+        return
+    _stop_signals["defer"] += 1
+    try:
+        yield
+    finally:
+        _stop_signals["defer"] -= 1
+    _raise_pending_stop()
 
 
 class together:  # noqa: N801  (used like a function: ``with together("..."):``)

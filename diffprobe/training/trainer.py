@@ -264,8 +264,10 @@ class Trainer:
 
     def _step(self, it: Iterator[Any], clock: dict[str, float], update: Callable[..., None]) -> None:
         """One optimiser step, then its log record, validation and checkpoint as configured."""
-        loss, metrics = self._loss_of_step(it)
-        self.apply_gradients(loss)
+        batch = self._next_batch(it)
+        with dist_utils.signals_deferred():  # forward, loss agreement, backward: every rank or none
+            loss, metrics = self._loss_of(batch)
+            self.apply_gradients(loss)
         self.step += 1
         clock["samples"] += self.cfg.samples_per_step
         final = self.step == self.cfg.total_steps
@@ -286,23 +288,22 @@ class Trainer:
         if self.step % self.cfg.checkpoint_every == 0 and self.step < self.cfg.total_steps:
             self.save(self.latest_path)
 
-    def _loss_of_step(self, it: Iterator[Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """This step's batch and loss, every rank agreeing that all ranks have a finite one.
-
-        Two agreements (each a no-op without DDP): after the batch, because DDP's forward may itself
-        run collectives (buffer broadcast, bucket rebuild) that a rank without a batch never joins;
-        and after the loss, before the backward pass averages a NaN into every rank's gradients.
-        """
-        context = f"{self.name} step {self.step}"
-        with dist_utils.together(f"{context} (reading the batch)"):
+    def _next_batch(self, it: Iterator[Any]) -> Any:
+        """This step's batch, every rank agreeing that all ranks have one: DDP's forward may itself run
+        collectives (buffer broadcast, bucket rebuild) that a rank without a batch never joins."""
+        with dist_utils.together(f"{self.name} step {self.step} (reading the batch)"):
             try:
-                batch = next(it)
+                return next(it)
             except Exception as e:  # a DiffprobeError in a loader process arrives wrapped in its traceback
                 user = dist_utils.worker_user_error(e)
                 if user is None:
                     raise
                 raise user from e
-        with dist_utils.together(context):
+
+    def _loss_of(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """This step's loss, every rank agreeing that all ranks have a finite one before the backward
+        pass averages a NaN into every rank's gradients (a no-op agreement without DDP)."""
+        with dist_utils.together(f"{self.name} step {self.step}"):
             with self._autocast():
                 loss, metrics = self.loss_fn(self.wrapped, batch, self.step)
             if not torch.isfinite(loss.detach()).all():
