@@ -87,6 +87,25 @@ def test_error_messages_are_printed_verbatim(capfd) -> None:
         app.registered_commands[:] = [c for c in app.registered_commands if c.name != "_raise_bracketed"]
 
 
+@pytest.mark.parametrize(("error", "code", "needle"), [
+    (EOFError("Ran out of input"), 1, "error: EOFError: Ran out of input"),  # a bug: click calls it an abort
+    (KeyboardInterrupt(), 130, "interrupted: finished outputs are kept"),
+])
+def test_eof_error_is_an_error_not_an_interruption(error, code, needle, capfd) -> None:
+    from diffprobe.cli.app import app
+
+    @app.command("_raise_eof", hidden=True)
+    def _raise() -> None:
+        raise error
+
+    try:
+        assert main(["_raise_eof"]) == code
+        out = capfd.readouterr()
+        assert needle in out.out + out.err
+    finally:
+        app.registered_commands[:] = [c for c in app.registered_commands if c.name != "_raise_eof"]
+
+
 @pytest.mark.parametrize("argv,option", [
     (["train", "-d", "1", "-f", "0", "1"], "-f"),
     (["train", "-d", "1", "2", "-f", "0"], "-d"),

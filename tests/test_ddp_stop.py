@@ -206,7 +206,7 @@ def test_bpr_maps_shared_across_ranks_equal_single_process(scenarios):
 @pytest.mark.parametrize(("scenario", "needle", "code"), [
     ("nan", "rank 1 of 2: diffusion: loss became nan at step 1", 1),
     ("data", "rank 1 of 2: phantom_001.b2nd: case phantom_001: blosc2 chunk 3 cannot be decompressed", 1),
-    ("sigterm", "diffusion step 1: rank 1 of 2 received SIGTERM", 130),
+    ("sigterm", "diffusion step 2: rank 1 of 2 received SIGTERM", 130),  # at step 1, held to its end
 ])
 def test_a_failing_rank_stops_every_rank_with_one_message(scenarios, scenario, needle, code):
     _, out, exit_codes = scenarios

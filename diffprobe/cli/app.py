@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable
 
 import typer
@@ -130,9 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     except ClickException as e:
         e.show()
         code = e.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        console.print(INTERRUPTED)
-        code = 130
+    except (typer.Abort, KeyboardInterrupt) as e:
+        if isinstance(e.__cause__, EOFError):  # click reports an EOFError as an abort, like Ctrl-C: it is a bug
+            traceback.print_exception(e.__cause__)
+            console.print(f"[bold red]error:[/] {escape(type(e.__cause__).__name__)}: {escape(str(e.__cause__))} "
+                          "(see the traceback above)", highlight=False)
+            code = 1
+        else:
+            console.print(INTERRUPTED)
+            code = 130
     if argv is None:  # the console script: the process ends here
         distributed = sys.modules.get("diffprobe.training.distributed")  # not imported: no process group
         if distributed is not None:  # torchrun: the group is freed before the interpreter exits

@@ -34,6 +34,7 @@ import contextlib
 import datetime
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -247,7 +248,8 @@ def _agree(context: str, error: BaseException | None) -> None:
         codes[me] = code
         dist.all_reduce(codes)
         payloads = gather_objects(payload) if bool(codes.any()) else None
-    except RuntimeError as e:  # gloo/NCCL: a peer is gone or the timeout passed
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # gloo/NCCL: a peer is gone or the timeout
+        # passed; a truncated or mismatched message fails to unpickle in gather_objects
         raise lost_contact(context, e) from (error or e)
     finally:
         _stop_signals["defer"] -= 1
@@ -278,11 +280,13 @@ def _raise_pending_stop() -> None:
 def signals_deferred() -> Iterator[None]:
     """A stop signal inside the block is raised at its end (a no-op without DDP).
 
-    For a stretch of collectives every rank must join in the same order: DDP's forward (its bucket
-    rebuild broadcasts) and backward (the gradient all-reduce). A rank that left it on a signal would
-    meet its peers' gradient buckets with its stop agreement, a collective mismatch that gloo answers
-    by aborting the peer ("Received data size doesn't match expected size"; 1 in 15 launcher-SIGTERM
-    runs, docs/distributed.md). The watchdog still ends a rank blocked in the stretch for good.
+    For a stretch of collectives every rank must join in the same order: a training step (its batch
+    and loss agreements, DDP's forward with its bucket-rebuild broadcast, the backward pass with the
+    gradient all-reduce). A rank that left it on a signal would meet its peers' gradient buckets or
+    broadcasts with its stop agreement, a collective mismatch that gloo answers by aborting the peer
+    ("Received data size doesn't match expected size"; 1 in 15 launcher-SIGTERM runs,
+    docs/distributed.md). At the block's end every rank's next collective is an agreement. The
+    watchdog still ends a rank that stays in the block :data:`STOP_GRACE_S` after the signal.
     """
     if not is_distributed():
         yield

@@ -250,12 +250,14 @@ class Trainer:
                                        highlight=False)
             task = progress.add_task(f"{self.name}", total=self.cfg.total_steps, completed=self.step,
                                      visible=show_progress and main)
-            while self.step < self.cfg.total_steps:
-                try:
-                    self._step(it, clock, lambda **kw: progress.update(task, **kw))
-                except BaseException as e:  # one rank's error anywhere in the step (a peer lost in the gradient
-                    # all-reduce, a signal, a log write): announced, so that every rank stops with it
-                    dist_utils.stop_together(f"{self.name} step {self.step}", e)
+            try:
+                while self.step < self.cfg.total_steps:
+                    # a stop signal ends the step first: every rank then meets the others at an agreement
+                    with dist_utils.signals_deferred():
+                        self._step(it, clock, lambda **kw: progress.update(task, **kw))
+            except BaseException as e:  # one rank's error anywhere in the step (a peer lost in the gradient
+                # all-reduce, a signal, a log write): announced, so that every rank stops with it
+                dist_utils.stop_together(f"{self.name} step {self.step}", e)
         self.save(self.latest_path)
         self.save(self.final_path)
         if main:
@@ -264,10 +266,8 @@ class Trainer:
 
     def _step(self, it: Iterator[Any], clock: dict[str, float], update: Callable[..., None]) -> None:
         """One optimiser step, then its log record, validation and checkpoint as configured."""
-        batch = self._next_batch(it)
-        with dist_utils.signals_deferred():  # forward, loss agreement, backward: every rank or none
-            loss, metrics = self._loss_of(batch)
-            self.apply_gradients(loss)
+        loss, metrics = self._loss_of(self._next_batch(it))
+        self.apply_gradients(loss)
         self.step += 1
         clock["samples"] += self.cfg.samples_per_step
         final = self.step == self.cfg.total_steps
