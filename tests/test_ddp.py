@@ -164,3 +164,42 @@ def test_shutdown_meets_in_a_barrier_after_success_and_always_frees_the_group(mo
     calls.clear()
     dist_utils.shutdown()
     assert calls == []  # a single process has no group
+
+
+def _fresh_stop_state(monkeypatch) -> dict:
+    state = {"installed": False, "received": None, "previous": {}, "defer": 0, "pending": False}
+    monkeypatch.setattr(dist_utils, "_stop_signals", state)
+    monkeypatch.setattr(dist_utils, "is_distributed", lambda: True)
+    return state
+
+
+def test_a_stop_signal_during_a_step_is_held_to_the_steps_end(monkeypatch):
+    """A rank leaving mid-step would meet its peers' gradient all-reduce with its stop agreement."""
+    import signal
+
+    _fresh_stop_state(monkeypatch)
+    done = []
+    with pytest.raises(KeyboardInterrupt), dist_utils.signals_deferred():
+        dist_utils._on_stop_signal(signal.SIGTERM, None)  # as the handler runs when the signal arrives
+        done.append("backward")  # the rest of the step still runs
+    assert done == ["backward"]
+
+
+def test_a_stop_signal_while_reading_the_batch_is_raised_at_once(monkeypatch):
+    import signal
+
+    state = _fresh_stop_state(monkeypatch)
+    done = []
+    with pytest.raises(KeyboardInterrupt), dist_utils.signals_deferred():
+        try:
+            with dist_utils.signals_allowed():
+                dist_utils._on_stop_signal(signal.SIGINT, None)
+                done.append("rest of the read")
+        finally:
+            assert state["defer"] == 1  # the step's hold is back for its agreement
+    assert done == [] and state["defer"] == 0
+
+
+def test_signal_holds_are_no_ops_in_a_single_process():
+    with dist_utils.signals_deferred(), dist_utils.signals_allowed():
+        pass

@@ -299,6 +299,23 @@ def signals_deferred() -> Iterator[None]:
     _raise_pending_stop()
 
 
+@contextlib.contextmanager
+def signals_allowed() -> Iterator[None]:
+    """Inside :func:`signals_deferred`, a stretch without collectives where a stop signal is raised at
+    once: reading a batch, which may take long (a feature pool refilling itself), so that Ctrl-C does
+    not wait for it; the batch's agreement, right after, then tells every rank."""
+    saved = _stop_signals["defer"]
+    if not is_distributed() or not saved:
+        yield
+        return
+    _stop_signals["defer"] = 0
+    try:
+        _raise_pending_stop()
+        yield
+    finally:
+        _stop_signals["defer"] = saved
+
+
 class together:  # noqa: N801  (used like a function: ``with together("..."):``)
     """A block every rank runs; whether any rank's block failed is agreed at its end (see module doc).
 

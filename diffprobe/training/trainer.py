@@ -293,7 +293,8 @@ class Trainer:
         collectives (buffer broadcast, bucket rebuild) that a rank without a batch never joins."""
         with dist_utils.together(f"{self.name} step {self.step} (reading the batch)"):
             try:
-                return next(it)
+                with dist_utils.signals_allowed():  # a long read (a feature pool refilling) stops at once
+                    return next(it)
             except Exception as e:  # a DiffprobeError in a loader process arrives wrapped in its traceback
                 user = dist_utils.worker_user_error(e)
                 if user is None:
