@@ -152,6 +152,11 @@ def test_shutdown_meets_in_a_barrier_after_success_and_always_frees_the_group(mo
     dist_utils.shutdown(success=False)  # after an error a peer may be gone: no waiting for it
     assert calls == ["destroy"]
     calls.clear()
+    monkeypatch.setitem(dist_utils._stop_signals, "agreed", True)  # a stop every rank raised: all alive
+    dist_utils.shutdown(success=False)
+    assert calls == ["barrier", "destroy"]
+    monkeypatch.setitem(dist_utils._stop_signals, "agreed", False)
+    calls.clear()
 
     def lost():
         calls.append("barrier")
@@ -167,7 +172,7 @@ def test_shutdown_meets_in_a_barrier_after_success_and_always_frees_the_group(mo
 
 
 def _fresh_stop_state(monkeypatch) -> dict:
-    state = {"installed": False, "received": None, "previous": {}, "defer": 0, "pending": False}
+    state = {"installed": False, "received": None, "previous": {}, "defer": 0, "pending": False, "agreed": False}
     monkeypatch.setattr(dist_utils, "_stop_signals", state)
     monkeypatch.setattr(dist_utils, "is_distributed", lambda: True)
     return state
