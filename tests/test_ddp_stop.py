@@ -120,6 +120,9 @@ def _rank_main(rank: int, port: int, roots: dict[str, str], out: str, runs: list
         os.dup2(log, 2)
         code = main(argv)
         Path(out, f"{scenario}_rank{rank}.code").write_text(str(code))
+    from diffprobe.training import distributed
+
+    distributed.shutdown(success=code == 0)  # as the console script leaves (main(argv) does not)
     sys.exit(code)
 
 
