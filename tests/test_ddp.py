@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.training import distributed as dist_utils
+from diffprobe.training import stop_signals
 from diffprobe.training.trainer import Trainer, TrainerConfig
 
 
@@ -101,7 +102,7 @@ def test_ddp_resume_equals_uninterrupted(tmp_path):
 def test_collective_timeout_is_explicit_and_configurable(monkeypatch):
     seen = {}
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
-    monkeypatch.setattr(dist_utils, "install_stop_signals", lambda: None)  # not in pytest's own process
+    monkeypatch.setattr(dist_utils, "install_stop_signals", lambda **kw: None)  # not in pytest's own process
     monkeypatch.setattr(dist_utils, "is_distributed", lambda: False)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -152,10 +153,10 @@ def test_shutdown_meets_in_a_barrier_after_success_and_always_frees_the_group(mo
     dist_utils.shutdown(success=False)  # after an error a peer may be gone: no waiting for it
     assert calls == ["destroy"]
     calls.clear()
-    monkeypatch.setitem(dist_utils._stop_signals, "agreed", True)  # a stop every rank raised: all alive
+    monkeypatch.setitem(stop_signals.state, "agreed", True)  # a stop every rank raised: all alive
     dist_utils.shutdown(success=False)
     assert calls == ["barrier", "destroy"]
-    monkeypatch.setitem(dist_utils._stop_signals, "agreed", False)
+    monkeypatch.setitem(stop_signals.state, "agreed", False)
     calls.clear()
 
     def lost():
@@ -173,8 +174,8 @@ def test_shutdown_meets_in_a_barrier_after_success_and_always_frees_the_group(mo
 
 def _fresh_stop_state(monkeypatch) -> dict:
     state = {"installed": False, "received": None, "previous": {}, "defer": 0, "pending": False, "agreed": False}
-    monkeypatch.setattr(dist_utils, "_stop_signals", state)
-    monkeypatch.setattr(dist_utils, "is_distributed", lambda: True)
+    monkeypatch.setattr(stop_signals, "state", state)
+    monkeypatch.setattr(stop_signals, "_distributed", lambda: True)
     return state
 
 
@@ -185,7 +186,7 @@ def test_a_stop_signal_during_a_step_is_held_to_the_steps_end(monkeypatch):
     _fresh_stop_state(monkeypatch)
     done = []
     with pytest.raises(KeyboardInterrupt), dist_utils.signals_deferred():
-        dist_utils._on_stop_signal(signal.SIGTERM, None)  # as the handler runs when the signal arrives
+        stop_signals._on_stop_signal(signal.SIGTERM, None)  # as the handler runs when the signal arrives
         done.append("backward")  # the rest of the step still runs
     assert done == ["backward"]
 
@@ -198,7 +199,7 @@ def test_a_stop_signal_while_reading_the_batch_is_raised_at_once(monkeypatch):
     with pytest.raises(KeyboardInterrupt), dist_utils.signals_deferred():
         try:
             with dist_utils.signals_allowed():
-                dist_utils._on_stop_signal(signal.SIGINT, None)
+                stop_signals._on_stop_signal(signal.SIGINT, None)
                 done.append("rest of the read")
         finally:
             assert state["defer"] == 1  # the step's hold is back for its agreement

@@ -16,7 +16,8 @@ until the process-group timeout or, for some NCCL failures, for good. So:
   :class:`LostContact`.
 - SIGTERM is handled like Ctrl-C in a distributed run (it is what torchrun and SLURM send), so a
   stopped rank takes the path above. A rank blocked in a collective cannot run Python's handler:
-  a watchdog thread, woken by the signal itself, exits such a rank :data:`STOP_GRACE_S` seconds later.
+  a watchdog thread, woken by the signal itself, exits such a rank :data:`STOP_GRACE_S` seconds later;
+  a signal during a training step is held to the step's end (:mod:`diffprobe.training.stop_signals`).
 - Every collective waits at most the process group's timeout, set explicitly at
   ``init_process_group`` from ``DIFFPROBE_DDP_TIMEOUT_MINUTES`` (default 30; docs/distributed.md).
 
@@ -30,17 +31,12 @@ which torchrun reports as a failed run.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import os
-import pickle
 import signal
 import sys
-import threading
-import time
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,10 +44,16 @@ import torch.distributed as dist
 from torch import nn
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.training import stop_signals
+from diffprobe.training.stop_signals import (  # noqa: F401  (re-exported: the trainer uses them from here)
+    STOP_GRACE_S,
+    install_stop_signals,
+    signals_allowed,
+    signals_deferred,
+)
 
 TIMEOUT_ENV = "DIFFPROBE_DDP_TIMEOUT_MINUTES"
 DEFAULT_TIMEOUT_MINUTES = 30.0
-STOP_GRACE_S = 20.0  # a signalled rank still blocked in a collective after this long exits hard
 _OK, _FAILED, _INTERRUPTED = 0, 1, 2
 RESUME_FIX = "rerun the same command with --c to continue from the last checkpoint"
 
@@ -91,7 +93,7 @@ def shutdown(success: bool = True) -> None:
 
     gc.collect()  # DDP wrappers of finished trainers hold the group: released here, not at finalization
     try:
-        if success or _stop_signals["agreed"]:
+        if success or stop_signals.state["agreed"]:
             dist.barrier()
     except RuntimeError:  # a peer is gone after all: nothing left to wait for
         pass
@@ -152,7 +154,7 @@ def init_from_env(device: str) -> torch.device:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_distributed():
         backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes()))
-        install_stop_signals()
+        install_stop_signals(who=f"diffprobe rank {rank()}")
     if device.startswith("cuda") and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
@@ -225,7 +227,7 @@ def worker_user_error(error: BaseException) -> DiffprobeError | None:
 
 def _payload(error: BaseException) -> tuple[int, dict[str, str | None]]:
     if isinstance(error, KeyboardInterrupt):
-        received = _stop_signals["received"]
+        received = stop_signals.state["received"]
         how = f"received {signal.Signals(received).name}" if received else "was interrupted"
         return _INTERRUPTED, {"what": how, "file": None, "fix": None}
     worker = _worker_error(error)
@@ -244,79 +246,32 @@ def _agree(context: str, error: BaseException | None) -> None:
     if payload is not None:
         payload["context"] = context  # the message names where the failing rank was, on every rank
     n, me = world_size(), rank()
-    _stop_signals["defer"] += 1  # a signal now would leave the other ranks in this collective: it waits
+    stop_signals.state["defer"] += 1  # a signal now would leave the other ranks in this collective: it waits
     try:
         codes = torch.zeros(n, dtype=torch.int64, device=_collective_device())
         codes[me] = code
         dist.all_reduce(codes)
         payloads = gather_objects(payload) if bool(codes.any()) else None
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # gloo/NCCL: a peer is gone or the timeout
-        # passed; a truncated or mismatched message fails to unpickle in gather_objects
+    except Exception as e:  # gloo/NCCL: a peer is gone or the timeout passed (RuntimeError); a truncated or
+        # mismatched message fails to unpickle in gather_objects (EOFError, UnpicklingError)
         raise lost_contact(context, e) from (error or e)
     finally:
-        _stop_signals["defer"] -= 1
+        stop_signals.state["defer"] -= 1
     if payloads is None:
-        _raise_pending_stop()  # arrived during the agreement: raised now, announced at the next one
+        stop_signals.raise_pending()  # arrived during the agreement: raised now, announced at the next one
         return
     codes_list = [int(c) for c in codes.tolist()]
     failed = [r for r, c in enumerate(codes_list) if c]
     first = failed[0]
     others = f" (rank {', '.join(map(str, failed[1:]))} stopped too)" if len(failed) > 1 else ""
     p = payloads[first]
-    _stop_signals["agreed"] = True
+    stop_signals.state["agreed"] = True
     if codes_list[first] == _INTERRUPTED:
         message = f"{p.get('context') or context}: rank {first} of {n} {p['what']}{others}; all {n} ranks stop"
         print(message, file=sys.stderr, flush=True)
         raise RanksInterrupted(message) from error
     raise RankStopped(f"rank {first} of {n}: {p['what']}{others}; all {n} ranks stopped", p["file"],
                       p["fix"]) from error
-
-
-def _raise_pending_stop() -> None:
-    """Raise the stop signal that arrived while signals were deferred, once no deferral is open."""
-    if _stop_signals["pending"] and not _stop_signals["defer"]:
-        _stop_signals["pending"] = False
-        raise KeyboardInterrupt(signal.Signals(_stop_signals["received"]).name)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """A stop signal inside the block is raised at its end (a no-op without DDP).
-
-    For a stretch of collectives every rank must join in the same order: a training step (its batch
-    and loss agreements, DDP's forward with its bucket-rebuild broadcast, the backward pass with the
-    gradient all-reduce). A rank that left it on a signal would meet its peers' gradient buckets or
-    broadcasts with its stop agreement, a collective mismatch that gloo answers by aborting the peer
-    ("Received data size doesn't match expected size"; 1 in 15 launcher-SIGTERM runs,
-    docs/distributed.md). At the block's end every rank's next collective is an agreement. The
-    watchdog still ends a rank that stays in the block :data:`STOP_GRACE_S` after the signal.
-    """
-    if not is_distributed():
-        yield
-        return
-    _stop_signals["defer"] += 1
-    try:
-        yield
-    finally:
-        _stop_signals["defer"] -= 1
-    _raise_pending_stop()
-
-
-@contextlib.contextmanager
-def signals_allowed() -> Iterator[None]:
-    """Inside :func:`signals_deferred`, a stretch without collectives where a stop signal is raised at
-    once: reading a batch, which may take long (a feature pool refilling itself), so that Ctrl-C does
-    not wait for it; the batch's agreement, right after, then tells every rank."""
-    saved = _stop_signals["defer"]
-    if not is_distributed() or not saved:
-        yield
-        return
-    _stop_signals["defer"] = 0
-    try:
-        _raise_pending_stop()
-        yield
-    finally:
-        _stop_signals["defer"] = saved
 
 
 class together:  # noqa: N801  (used like a function: ``with together("..."):``)
@@ -347,62 +302,3 @@ def stop_together(context: str, error: BaseException) -> None:
         raise error
     _agree(context, error)
     raise error  # not reached: _agree raises when this rank reports an error
-
-
-# ---- signals ---------------------------------------------------------------------------------
-_stop_signals: dict[str, Any] = {"installed": False, "received": None, "previous": {}, "defer": 0, "pending": False,
-                                 "agreed": False}  # agreed: every rank raised the same stop (all are alive)
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _on_stop_signal(signum: int, frame: Any) -> None:
-    if _stop_signals["received"] is not None:
-        return  # stopping already (torchrun follows Ctrl-C with SIGTERM); the watchdog bounds it
-    _stop_signals["received"] = signum
-    if _stop_signals["defer"]:  # inside an agreement: raised when it is over (see _agree)
-        _stop_signals["pending"] = True
-        return
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def _stop_watchdog(read_fd: int, grace_s: float, who: str) -> None:
-    """Woken by any signal's byte on the wakeup fd (written even while the main thread is blocked in
-    C++): after a stop signal, give the main thread ``grace_s`` to stop, then exit the process."""
-    while True:
-        data = os.read(read_fd, 64)
-        stops = [b for b in data if b in _STOP_SIGNALS]
-        if stops:
-            break
-    time.sleep(grace_s)
-    name = signal.Signals(stops[0]).name
-    os.write(2, f"{who}: still blocked {grace_s:g} s after {name} (waiting for another rank); exiting\n".encode())
-    os._exit(128 + stops[0])
-
-
-def _forget_stop_signals() -> None:
-    """In a forked child (a DataLoader worker): the parent's handlers and wakeup fd are not its own."""
-    try:
-        signal.set_wakeup_fd(-1)
-        for sig, previous in _stop_signals["previous"].items():
-            signal.signal(sig, previous)
-    except ValueError:  # forked from another thread: it cannot set signals, and never runs our handler
-        pass
-
-
-def install_stop_signals(grace_s: float = STOP_GRACE_S) -> None:
-    """SIGINT and SIGTERM raise KeyboardInterrupt in this rank, with a hard exit ``grace_s`` later if
-    the rank cannot react; called once a process group exists (only the main thread can)."""
-    if _stop_signals["installed"] or threading.current_thread() is not threading.main_thread():
-        return
-    for sig in _STOP_SIGNALS:
-        current = signal.getsignal(sig)
-        if current in (signal.SIG_DFL, signal.default_int_handler):  # never replace someone else's handler
-            _stop_signals["previous"][sig] = current
-            signal.signal(sig, _on_stop_signal)
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    threading.Thread(target=_stop_watchdog, args=(read_fd, grace_s, f"diffprobe rank {rank()}"), daemon=True,
-                     name="diffprobe-stop-watchdog").start()
-    os.register_at_fork(after_in_child=_forget_stop_signals)
-    _stop_signals["installed"] = True
