@@ -5,7 +5,8 @@ slab. This script predicts the three unlabelled real CTs of ``../shared/data/rea
 (chest-to-pelvis and upper-abdomen scans, other scanners, other patients; their images were in
 pretraining, their labels exist nowhere) and reports what can be checked without labels, per
 organ: volume (mL), number of connected components (26-connectivity), the share of the organ's
-volume in its largest component, and its cranio-caudal extent (mm). A liver in five pieces, or
+volume in its largest component, its cranio-caudal extent (mm) and its volume outside the body (air,
+table: ``filled_body``). A liver in five pieces, or
 "spleen" in the pelvis, is wrong whatever the Dice. One PNG per probe shows a coronal and an
 axial slice of every scan with the prediction over it.
 
@@ -43,20 +44,33 @@ def scan_inputs(work: Path, folder: str, scans) -> tuple[dict[str, int], Path]:
     return labels, inputs
 
 
-def organ_stats(seg: np.ndarray, spacing_zyx: tuple[float, ...], label: int) -> dict:
-    """Volume, components, largest-component share and z extent of one label in a (z, y, x) map."""
+def filled_body(image_zyx: np.ndarray) -> np.ndarray:
+    """The body as predict's crop finds it (largest component above -500 HU), its in-plane holes (lungs,
+    bowel gas) filled slice by slice: what lies outside is air, the table and the scanner's padding."""
+    from scipy import ndimage
+
+    from diffprobe.preprocessing.cropping import body_mask
+
+    body = body_mask(image_zyx.astype(np.float32))
+    return np.stack([ndimage.binary_fill_holes(plane) for plane in body])
+
+
+def organ_stats(seg: np.ndarray, spacing_zyx: tuple[float, ...], label: int, body: np.ndarray | None = None) -> dict:
+    """Volume, components, largest-component share, z extent and (with ``body``) the volume outside the
+    body of one label in a (z, y, x) map."""
     from scipy import ndimage
 
     mask = seg == label
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     n = int(mask.sum())
     if n == 0:
-        return {"ml": 0.0, "components": 0, "largest_share": 0.0, "z_extent_mm": 0.0}
+        return {"ml": 0.0, "components": 0, "largest_share": 0.0, "z_extent_mm": 0.0, "outside_body_ml": 0.0}
     comps, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(comps.ravel())[1:]
     zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    outside = float((mask & ~body).sum()) * voxel_ml if body is not None else float("nan")
     return {"ml": round(n * voxel_ml, 1), "components": int(count), "largest_share": round(float(sizes.max()) / n, 3),
-            "z_extent_mm": round(float(zs[-1] - zs[0] + 1) * spacing_zyx[0], 1)}
+            "z_extent_mm": round(float(zs[-1] - zs[0] + 1) * spacing_zyx[0], 1), "outside_body_ml": round(outside, 2)}
 
 
 def overlay(images: dict[str, np.ndarray], preds: dict[str, np.ndarray], spacings: dict, liver: int, title: str,
@@ -102,10 +116,11 @@ def main() -> None:
     from diffprobe.predict.predictor import predict
 
     labels, inputs = scan_inputs(work, "whole_scans", args.scans)
-    images, spacings = {}, {}
+    images, spacings, bodies = {}, {}, {}
     for scan in args.scans:  # each file read once: its voxels and its (z, y, x) spacing
         image = sitk.ReadImage(str(inputs / f"{scan}_0000.nii.gz"))
         images[scan], spacings[scan] = sitk.GetArrayFromImage(image), image.GetSpacing()[::-1]
+        bodies[scan] = filled_body(images[scan])
     for name in args.names:
         out = work / "whole_scans" / name
         started = time.perf_counter()
@@ -113,15 +128,15 @@ def main() -> None:
         seconds = round(time.perf_counter() - started, 1)
         preds = {s: sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{s}.nii.gz"))) for s in args.scans}
         for scan in args.scans:
-            stats = {organ: organ_stats(preds[scan], spacings[scan], labels[organ]) for organ in ORGANS}
+            stats = {organ: organ_stats(preds[scan], spacings[scan], labels[organ], bodies[scan]) for organ in ORGANS}
             line = {"name": name, "scan": scan, "predict_seconds_all_scans": seconds, "organs": stats}
             with open(work / "real_ct_whole_scans.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
             print(f"\n{name} on {scan}")
-            print(f"{'organ':28s} {'mL':>8s} {'comps':>6s} {'largest':>8s} {'z mm':>6s}")
+            print(f"{'organ':28s} {'mL':>8s} {'comps':>6s} {'largest':>8s} {'z mm':>6s} {'out mL':>7s}")
             for organ, st in stats.items():
                 print(f"{organ:28s} {st['ml']:8.1f} {st['components']:6d} {st['largest_share']:8.3f} "
-                      f"{st['z_extent_mm']:6.1f}")
+                      f"{st['z_extent_mm']:6.1f} {st['outside_body_ml']:7.2f}")
         overlay(images, preds, spacings, labels["liver"], f"probe {name}: whole unlabelled real CTs",
                 work / "whole_scans" / f"{name}.png")
         print(f"\n{name}: {seconds} s for {len(args.scans)} scans; overlay {work / 'whole_scans' / f'{name}.png'}")

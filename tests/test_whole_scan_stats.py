@@ -23,4 +23,21 @@ def test_organ_stats_count_pieces_volume_and_extent():
     assert stats["largest_share"] == round(257 / 258, 3)
     assert stats["z_extent_mm"] == (8 - 2 + 1) * 3.0
     assert organ_stats(seg, (3.0, 1.5, 1.5), 5) == {"ml": 0.0, "components": 0, "largest_share": 0.0,
-                                                      "z_extent_mm": 0.0}
+                                                      "z_extent_mm": 0.0, "outside_body_ml": 0.0}
+
+
+def test_outside_the_body_is_air_and_table_not_lungs():
+    from real_ct_whole_scans import filled_body, organ_stats
+
+    image = np.full((4, 40, 40), -1000.0)
+    image[:, 5:30, 5:35] = 40.0  # the body
+    image[:, 10:20, 10:20] = -850.0  # a lung inside it: in the filled body
+    image[:, 34:37, 2:38] = 200.0  # the table, a separate piece below the body
+    body = filled_body(image)
+    assert body[:, 15, 15].all() and not body[:, 35, 20].any() and not body[:, 2, 2].any()
+    seg = np.zeros(image.shape, np.uint8)
+    seg[:, 12:14, 12:14] = 1  # in the lung: inside
+    seg[0, 35, 20:22] = 1  # two voxels on the table
+    seg[1, 1, 1] = 1  # one in the air
+    stats = organ_stats(seg, (2.0, 1.0, 1.0), 1, body)
+    assert stats["outside_body_ml"] == round(3 * 2.0 / 1000, 2)
