@@ -74,3 +74,16 @@ def test_augmentation_draws_one_transform_for_image_and_guidance(refs):
         plain = blob[tuple(slice(c - p // 2, c - p // 2 + p) for c, p in zip(centre, PATCH))]
         moved += not np.allclose(out[0], plain, atol=1e-3)
     assert moved >= 2  # some draws did rotate or scale (p = 0.5 each)
+
+
+def test_a_loader_process_drops_only_hand_over_failures(capsys):
+    """A broken batch hand-over (the main process stopped receiving) prints nothing; a bug still does."""
+    from diffprobe.pretraining.data import _quiet_handover_failures
+
+    seen = []
+    hook = _quiet_handover_failures(lambda kind, value, tb: seen.append(kind))
+    for kind in (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+        hook(kind, kind("main process gone"), None)
+    assert seen == []
+    hook(ZeroDivisionError, ZeroDivisionError("bug"), None)
+    assert seen == [ZeroDivisionError]

@@ -11,6 +11,7 @@ cropped and transformed together with the image so they stay voxel-aligned.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -161,9 +162,33 @@ def _collate(item):
     return item
 
 
+def _quiet_handover_failures(previous=None):
+    """A loader process's ``sys.excepthook`` that drops the OSError / EOFError of a batch hand-over.
+
+    A batch's tensors reach the main process as file descriptors, sent by a thread of the loader
+    process (``multiprocessing.resource_sharer``) that reports any failure through ``sys.excepthook``.
+    When the main process stops receiving mid-hand-over (Ctrl-C, an error) the send fails with a
+    broken connection, and the loader process printed that traceback under the CLI's one-line
+    "interrupted" (1 CI run of test_kill_resume, 2026-11-30). Nothing is lost: the main process is
+    leaving. Other exceptions still print.
+    """
+    previous = previous or sys.excepthook
+
+    def hook(kind, value, tb) -> None:
+        if issubclass(kind, (OSError, EOFError)):
+            return
+        previous(kind, value, tb)
+
+    return hook
+
+
+def _init_loader_process(worker_id: int) -> None:
+    sys.excepthook = _quiet_handover_failures(sys.excepthook)
+
+
 def loader(source: PatchBatches, start_step: int, num_workers: int = 2) -> Iterator[dict]:
     """Batches for steps start_step, start_step + 1, ... loaded by ``num_workers`` processes (0: in-process)."""
     dl = DataLoader(_StepDataset(source), batch_size=None, sampler=_StepsFrom(start_step), num_workers=num_workers,
                     collate_fn=_collate, prefetch_factor=2 if num_workers else None,
-                    persistent_workers=False)
+                    persistent_workers=False, worker_init_fn=_init_loader_process if num_workers else None)
     return iter(dl)
