@@ -185,7 +185,7 @@ def test_a_stop_signal_during_a_step_is_held_to_the_steps_end(monkeypatch):
 
     _fresh_stop_state(monkeypatch)
     done = []
-    with pytest.raises(KeyboardInterrupt), dist_utils.signals_deferred():
+    with pytest.raises(KeyboardInterrupt), stop_signals.signals_deferred():
         stop_signals._on_stop_signal(signal.SIGTERM, None)  # as the handler runs when the signal arrives
         done.append("backward")  # the rest of the step still runs
     assert done == ["backward"]
@@ -196,9 +196,9 @@ def test_a_stop_signal_while_reading_the_batch_is_raised_at_once(monkeypatch):
 
     state = _fresh_stop_state(monkeypatch)
     done = []
-    with pytest.raises(KeyboardInterrupt), dist_utils.signals_deferred():
+    with pytest.raises(KeyboardInterrupt), stop_signals.signals_deferred():
         try:
-            with dist_utils.signals_allowed():
+            with stop_signals.signals_allowed():
                 stop_signals._on_stop_signal(signal.SIGINT, None)
                 done.append("rest of the read")
         finally:
@@ -207,5 +207,5 @@ def test_a_stop_signal_while_reading_the_batch_is_raised_at_once(monkeypatch):
 
 
 def test_signal_holds_are_no_ops_in_a_single_process():
-    with dist_utils.signals_deferred(), dist_utils.signals_allowed():
+    with stop_signals.signals_deferred(), stop_signals.signals_allowed():
         pass

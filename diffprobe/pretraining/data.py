@@ -12,7 +12,7 @@ cropped and transformed together with the image so they stay voxel-aligned.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +162,7 @@ def _collate(item):
     return item
 
 
-def _quiet_handover_failures(previous=None):
+def _quiet_handover_failures(previous: Callable[..., None]) -> Callable[..., None]:
     """A loader process's ``sys.excepthook`` that drops the OSError / EOFError of a batch hand-over.
 
     A batch's tensors reach the main process as file descriptors, sent by a thread of the loader
@@ -170,9 +170,8 @@ def _quiet_handover_failures(previous=None):
     When the main process stops receiving mid-hand-over (Ctrl-C, an error) the send fails with a
     broken connection, and the loader process printed that traceback under the CLI's one-line
     "interrupted" (1 CI run of test_kill_resume, 2026-11-30). Nothing is lost: the main process is
-    leaving. Other exceptions still print.
+    leaving. Other exceptions still print (through ``previous``).
     """
-    previous = previous or sys.excepthook
 
     def hook(kind, value, tb) -> None:
         if issubclass(kind, (OSError, EOFError)):

@@ -16,7 +16,8 @@ until the process-group timeout or, for some NCCL failures, for good. So:
   :class:`LostContact`.
 - SIGTERM is handled like Ctrl-C in a distributed run (it is what torchrun and SLURM send), so a
   stopped rank takes the path above. A rank blocked in a collective cannot run Python's handler:
-  a watchdog thread, woken by the signal itself, exits such a rank :data:`STOP_GRACE_S` seconds later;
+  a watchdog thread, woken by the signal itself, exits such a rank
+  :data:`~diffprobe.training.stop_signals.STOP_GRACE_S` seconds later;
   a signal during a training step is held to the step's end (:mod:`diffprobe.training.stop_signals`).
 - Every collective waits at most the process group's timeout, set explicitly at
   ``init_process_group`` from ``DIFFPROBE_DDP_TIMEOUT_MINUTES`` (default 30; docs/distributed.md).
@@ -45,12 +46,7 @@ from torch import nn
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.training import stop_signals
-from diffprobe.training.stop_signals import (  # noqa: F401  (re-exported: the trainer uses them from here)
-    STOP_GRACE_S,
-    install_stop_signals,
-    signals_allowed,
-    signals_deferred,
-)
+from diffprobe.training.stop_signals import install_stop_signals
 
 TIMEOUT_ENV = "DIFFPROBE_DDP_TIMEOUT_MINUTES"
 DEFAULT_TIMEOUT_MINUTES = 30.0
@@ -267,7 +263,7 @@ def _agree(context: str, error: BaseException | None) -> None:
     p = payloads[first]
     stop_signals.state["agreed"] = True
     if codes_list[first] == _INTERRUPTED:
-        message = f"{p.get('context') or context}: rank {first} of {n} {p['what']}{others}; all {n} ranks stop"
+        message = f"{p['context']}: rank {first} of {n} {p['what']}{others}; all {n} ranks stop"
         print(message, file=sys.stderr, flush=True)
         raise RanksInterrupted(message) from error
     raise RankStopped(f"rank {first} of {n}: {p['what']}{others}; all {n} ranks stopped", p["file"],

@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 STOP_GRACE_S = 20.0  # a signalled rank still blocked in a collective (or its step) after this long exits hard
 
-
 # received: the first stop signal; defer: open holds (agreements, steps); pending: a held signal;
 # agreed: every rank raised the same stop (all are alive: they may meet once more before leaving)
 state: dict[str, Any] = {"installed": False, "received": None, "previous": {}, "defer": 0, "pending": False,
@@ -80,8 +79,6 @@ def signals_allowed() -> Iterator[None]:
         yield
     finally:
         state["defer"] = saved
-
-
 
 
 def _on_stop_signal(signum: int, frame: Any) -> None:

@@ -34,6 +34,7 @@ from torch import nn
 from diffprobe.errors import DiffprobeError
 from diffprobe.parallel import progress_bar
 from diffprobe.training import distributed as dist_utils
+from diffprobe.training import stop_signals
 from diffprobe.training.checkpoint import (
     load_checkpoint,
     load_state_checked,
@@ -253,7 +254,7 @@ class Trainer:
             try:
                 while self.step < self.cfg.total_steps:
                     # a stop signal ends the step first: every rank then meets the others at an agreement
-                    with dist_utils.signals_deferred():
+                    with stop_signals.signals_deferred():
                         self._step(it, clock, lambda **kw: progress.update(task, **kw))
             except BaseException as e:  # one rank's error anywhere in the step (a peer lost in the gradient
                 # all-reduce, a signal, a log write): announced, so that every rank stops with it
@@ -293,7 +294,7 @@ class Trainer:
         collectives (buffer broadcast, bucket rebuild) that a rank without a batch never joins."""
         with dist_utils.together(f"{self.name} step {self.step} (reading the batch)"):
             try:
-                with dist_utils.signals_allowed():  # a long read (a feature pool refilling) stops at once
+                with stop_signals.signals_allowed():  # a long read (a feature pool refilling) stops at once
                     return next(it)
             except Exception as e:  # a DiffprobeError in a loader process arrives wrapped in its traceback
                 user = dist_utils.worker_user_error(e)
