@@ -6,7 +6,7 @@ slab. This script predicts the three unlabelled real CTs of ``../shared/data/rea
 pretraining, their labels exist nowhere) and reports what can be checked without labels, per
 organ: volume (mL), number of connected components (26-connectivity), the share of the organ's
 volume in its largest component, its cranio-caudal extent (mm) and its volume outside the body (air,
-table: ``filled_body``). A liver in five pieces, or
+table: ``diffprobe.preprocessing.cropping.filled_body``). A liver in five pieces, or
 "spleen" in the pelvis, is wrong whatever the Dice. One PNG per probe shows a coronal and an
 axial slice of every scan with the prediction over it.
 
@@ -30,6 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_ct import DATASET, ORGANS, UNLABELLED, use_work_roots  # noqa: E402
 
+from diffprobe.preprocessing.cropping import filled_body  # noqa: E402
+
 SCANS = ("crlm1004", "crlm1006", "pancreas001")
 
 
@@ -42,17 +44,6 @@ def scan_inputs(work: Path, folder: str, scans) -> tuple[dict[str, int], Path]:
         if not (inputs / f"{scan}_0000.nii.gz").exists():
             shutil.copy(UNLABELLED / f"{scan}_0000.nii.gz", inputs / f"{scan}_0000.nii.gz")
     return labels, inputs
-
-
-def filled_body(image_zyx: np.ndarray) -> np.ndarray:
-    """The body as predict's crop finds it (largest component above -500 HU), its in-plane holes (lungs,
-    bowel gas) filled slice by slice: what lies outside is air, the table and the scanner's padding."""
-    from scipy import ndimage
-
-    from diffprobe.preprocessing.cropping import body_mask
-
-    body = body_mask(image_zyx.astype(np.float32))
-    return np.stack([ndimage.binary_fill_holes(plane) for plane in body])
 
 
 def organ_stats(seg: np.ndarray, spacing_zyx: tuple[float, ...], label: int, body: np.ndarray | None = None) -> dict:

@@ -18,7 +18,8 @@ LAYERS = {
     "diffprobe.fingerprint": 4, "diffprobe.planning": 5, "diffprobe.preprocessing.access": 6,
     "diffprobe.models": 7, "diffprobe.bpr": 7, "diffprobe.diffusion": 7, "diffprobe.training": 7,
     "diffprobe.guidance": 8, "diffprobe.pretraining": 9, "diffprobe.probe": 10, "diffprobe.evaluation": 11,
-    "diffprobe.overlays": 11, "diffprobe.predict": 12, "diffprobe.workflows": 13, "diffprobe.cli": 14,
+    "diffprobe.overlays": 11, "diffprobe.postprocessing": 11, "diffprobe.predict": 12, "diffprobe.workflows": 13,
+    "diffprobe.cli": 14,
     "diffprobe.__main__": 15,
 }
 

@@ -285,3 +285,18 @@ def test_cli_short_form_and_missing_input(use_trained_probe_roots, tmp_path, cap
     err = capsys.readouterr().err
     assert str(missing) in err and "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "out2").exists()
+
+
+def test_postprocessing_clears_outside_the_body_and_npp_turns_it_off(use_trained_probe_roots, tmp_path):
+    from diffprobe.preprocessing.cropping import filled_body
+
+    write_case(tmp_path / "in", "pp", seed=6, spacing=(0.9, 0.9, 2.5))
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "post"), "-d", "1",
+                 "-c", "tiny__fpn"]) == 0
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "plain"), "-d", "1",
+                 "-c", "tiny__fpn", "-npp"]) == 0
+    post, plain = read_array(tmp_path / "post" / "pp.nii.gz"), read_array(tmp_path / "plain" / "pp.nii.gz")
+    body = filled_body(read_array(tmp_path / "in" / "pp_0000.nii.gz"))  # raw layout, as the outputs
+    assert (plain[~body] != 0).any(), "the near-initial head labels air: something for the body mask to clear"
+    assert not post[~body].any()
+    np.testing.assert_array_equal(post[body], plain[body])  # this probe chose no largest-component removal

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -211,5 +213,12 @@ def test_train_cli_writes_validation_summary(use_trained_probe_roots):
 
     assert main(["train", "-d", "1", "-f", "0", "-m", "tiny", "--steps", "2", "--head", "linear"]) == 0
     folder = use_trained_probe_roots["results"] / "Dataset001_Phantoms" / "diffprobe" / "tiny__linear" / "fold_0"
-    for name in ("probe.json", "checkpoint_final.pt", "loss_curve.png", "validation/summary.json"):
+    for name in ("probe.json", "checkpoint_final.pt", "loss_curve.png", "validation/summary.json",
+                 "postprocessing.json"):
         assert (folder / name).is_file(), name
+    decision = json.loads((folder / "postprocessing.json").read_text())
+    assert decision["validation_cases"] and set(decision["classes"]) == {
+        "liver", "spleen", "kidney_right", "kidney_left", "aorta", "adrenal_right"}
+    summary = json.loads((folder / "validation" / "summary.json").read_text())
+    assert summary["postprocessing_largest_component"] == [
+        name for name, c in decision["classes"].items() if c["class"] in decision["largest_component"]]

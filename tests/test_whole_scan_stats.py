@@ -27,7 +27,9 @@ def test_organ_stats_count_pieces_volume_and_extent():
 
 
 def test_outside_the_body_is_air_and_table_not_lungs():
-    from real_ct_whole_scans import filled_body, organ_stats
+    from real_ct_whole_scans import organ_stats
+
+    from diffprobe.preprocessing.cropping import filled_body
 
     image = np.full((4, 40, 40), -1000.0)
     image[:, 5:30, 5:35] = 40.0  # the body

@@ -73,6 +73,9 @@ def predict_cmd(
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the network (long GPU runs)"),
     sequential: bool = typer.Option(False, "--sequential",
                                     help="no overlap of reading/writing cases with the sliding window"),
+    no_postprocessing: bool = typer.Option(False, "--no_postprocessing", "-npp",
+                                           help="write the plain argmax: no background outside the body (CT "
+                                                "plans), no largest-component removal (postprocessing.json)"),
 ) -> None:
     """Segment CT images with a trained probe; outputs keep each input's exact geometry."""
     from diffprobe.predict.acceleration import InferenceSettings
@@ -88,5 +91,6 @@ def predict_cmd(
 
         raise DiffprobeError(f"--tta_draws {draws} must be at least 1", fix="use e.g. --tta --tta_draws 4")
     written = predict(inputs, output, dataset, configuration, folds, device, step_size, draws, save_probabilities,
-                      continue_prediction, num_parts, part_id, settings=settings, output_type=output_type)
+                      continue_prediction, num_parts, part_id, settings=settings, output_type=output_type,
+                      postprocess=not no_postprocessing)
     console.print(f"[green]wrote[/] {len(written)} segmentation(s) to {output}", highlight=False)

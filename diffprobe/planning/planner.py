@@ -216,6 +216,13 @@ def plan(fingerprint: dict, *, size_class: str = "paper", patch_size: list[int] 
         "diffusion": plan_diffusion(normalization, schedule, num_timesteps, beta_start, beta_end,
                                     noise_levels, timesteps),
         "training": train,
+        "postprocessing": {
+            "outside_body": any(n["scheme"] == "ct_window" for n in normalization.values()),
+            "why": "CT: voxels outside the body (the crop's body mask, in-plane holes filled) are background in "
+                   "predicted label maps; organs lie inside the body, air and the table only carry false "
+                   "positives. Per-class largest-component removal is decided by each fold's validation "
+                   "(postprocessing.json), not here",
+        },
         "labels": dict(fingerprint["labels"]),
         "channel_names": dict(fingerprint["channel_names"]),
     }

@@ -106,6 +106,10 @@ def validate_plans(plans: dict, path: str | Path = PLANS_FILENAME) -> None:
     _require(_is_list_of(t, int, None) and len(t) > 0 and all(0 <= v < T for v in t), path,
              "diffusion.feature_timesteps", f"need a non-empty list of integers from 0 to {T - 1}, got {t!r}")
     _require(0 in plans["labels"].values(), path, "labels", "need the dataset.json label map with background 0")
+    post = plans.get("postprocessing", {})
+    _require(isinstance(post, dict), path, "postprocessing", "must be a JSON object, e.g. {\"outside_body\": true}")
+    _require(isinstance(post.get("outside_body", False), bool), path, "postprocessing.outside_body",
+             f"must be true or false, got {post.get('outside_body')!r}")
     _validate_consistency(plans, path)
 
 

@@ -10,6 +10,10 @@ that ``--save_probabilities`` writes, so the saved label map *is* the argmax of 
 probabilities, voxel for voxel; the label map is computed the same way without
 ``--save_probabilities``, so asking for probabilities never changes the segmentation.
 
+Postprocessing (``diffprobe.postprocessing``: background outside the body, largest components) acts on
+the label map on the cropped grid; voxels it sets to background get one-hot background probabilities,
+as voxels outside the crop have, so the saved label map stays the argmax of the saved probabilities.
+
 Classes are resampled one at a time with a running maximum: at most one full-resolution class
 plane exists at once unless probabilities are saved.
 
@@ -29,6 +33,7 @@ import torch
 from diffprobe.dataset.cases import Case
 from diffprobe.io.geometry import Geometry
 from diffprobe.io.image_io import label_dtype
+from diffprobe.postprocessing.operations import Postprocessing
 from diffprobe.predict.outputs import model_description, write_outputs
 from diffprobe.preprocessing.preprocess import preprocess_input, resample_to_cropped, uncrop_to_original
 from diffprobe.probe.model import TrainedProbe
@@ -71,11 +76,14 @@ class WindowResult:
     save_probabilities: bool = False
 
 
-def load_case(probes: list[TrainedProbe], case: Case, timings: dict[str, float] | None = None) -> LoadedCase:
-    """Read, integrity-check and preprocess one input exactly as planned (no torch work: runs in a thread)."""
+def load_case(probes: list[TrainedProbe], case: Case, timings: dict[str, float] | None = None,
+              keep_body: bool = False) -> LoadedCase:
+    """Read, integrity-check and preprocess one input exactly as planned (no torch work: runs in a thread).
+
+    ``keep_body``: keep the body mask for the ``outside_body`` postprocessing (``props["body"]``)."""
     started = time.perf_counter()
     meta = probes[0].meta
-    data, props = preprocess_input(case, meta["plans"], meta["dataset"])
+    data, props = preprocess_input(case, meta["plans"], meta["dataset"], keep_body)
     add_time(timings, "preprocess_s", started)
     return LoadedCase(case, data, props)
 
@@ -85,13 +93,14 @@ def probabilities_resampling(plans_resampling: dict) -> dict:
     return {**plans_resampling, "image_order": 1}
 
 
-def to_raw_grid(probabilities: torch.Tensor, props: dict, resampling: dict,
-                keep: bool) -> tuple[np.ndarray, Geometry, np.ndarray | None]:
+def to_raw_grid(probabilities: torch.Tensor, props: dict, resampling: dict, keep: bool,
+                postprocessing: Postprocessing | None = None) -> tuple[np.ndarray, Geometry, np.ndarray | None]:
     """Label map (and, with ``keep``, probabilities) on the raw file's grid from planned-grid probabilities.
 
     Returns ``(labels, geometry, probs)``: ``labels`` in the narrowest dtype that holds every class id
     (uint8, or uint16 past 255: never wrapped), ``probs`` (K, z, y, x) float16 or None. Outside the
-    body crop the probabilities are one-hot background and the label is 0.
+    body crop, and where ``postprocessing`` set a voxel to background, the probabilities are one-hot
+    background and the label is 0.
     """
     num_classes = probabilities.shape[0]
     order = probabilities_resampling(resampling)
@@ -115,20 +124,30 @@ def to_raw_grid(probabilities: torch.Tensor, props: dict, resampling: dict,
             del full
         del plane
     del best
+    if postprocessing is not None and postprocessing.active:
+        removed = postprocessing.apply(labels, props.get("body"))
+        if kept is not None and removed.any():
+            removed_raw, _ = uncrop_to_original(removed, props, fill_value=False)
+            kept[:, removed_raw] = 0
+            kept[0, removed_raw] = 1
+        del removed
     labels_raw, geometry = uncrop_to_original(labels, props, fill_value=0)
     return np.ascontiguousarray(labels_raw), geometry, kept
 
 
 def export_case(probes: list[TrainedProbe], result: WindowResult, out_path: Path,
-                timings: dict[str, float] | None = None, output_type: str = "nifti") -> Path:
-    """Label map (and probabilities) back to the input's raw geometry, written atomically (runs in a thread).
+                timings: dict[str, float] | None = None, output_type: str = "nifti",
+                postprocessing: Postprocessing | None = None) -> Path:
+    """Label map (and probabilities) back to the input's raw geometry, postprocessed, written atomically
+    (runs in a thread).
 
     ``output_type``: label map image, DICOM SEG or both (``diffprobe.predict.outputs``; ``out_path``
     from its ``output_paths``)."""
     started = time.perf_counter()
     resampling = probes[0].meta["plans"]["preprocessing"]["resampling"]
     probabilities, result.probabilities = result.probabilities, None  # the result no longer pins them
-    labels, geometry, kept = to_raw_grid(probabilities, result.props, resampling, result.save_probabilities)
+    labels, geometry, kept = to_raw_grid(probabilities, result.props, resampling, result.save_probabilities,
+                                         postprocessing)
     del probabilities
     if kept is not None:
         npz = out_path.parent / f"{result.case.identifier}.npz"

@@ -23,6 +23,10 @@ mirror-symmetric, the BPR's left-right coordinate flips meaning); docs/probe.md 
 extraction per tile (``-f 0 1 2 3 4`` costs about one fold's denoiser work, not five) and their
 logits are averaged per tile, which equals averaging the folds' windows to float rounding (the
 Gaussian weighting is linear). ``predict`` is the thin wrapper the CLI calls.
+
+Postprocessing (``diffprobe.postprocessing``) follows the model: background outside the body where the
+plans say so (CT), and the largest component of the classes every loaded fold's validation chose
+(``postprocessing.json``); ``postprocess=False`` (``--no_postprocessing``) writes the plain argmax.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from diffprobe.devices import resolve_device
 from diffprobe.errors import DiffprobeError
 from diffprobe.guidance import volume_guidance as guidance_of_volume
 from diffprobe.parallel import progress_bar
+from diffprobe.postprocessing.operations import Postprocessing
 from diffprobe.predict.acceleration import InferenceSettings, prepare_head, prepare_model
 from diffprobe.predict.cases import LoadedCase, WindowResult, export_case, load_case, softmax_  # noqa: F401
 from diffprobe.predict.cases import add_time as _add
@@ -125,16 +130,16 @@ def predict_logits(probes: list[TrainedProbe], data: np.ndarray, spacing: list[f
     seconds spent on the guidance channels and in the window. No case name: the result depends on
     the pixels only (the features' noise is seeded by tile position).
     """
-    return Predictor(probes, device, settings, prepare=False).logits(data, step_size, tta, progress, timings,
-                                                                    spacing=spacing)
+    predictor = Predictor(probes, device, settings, prepare=False, postprocess=False)
+    return predictor.logits(data, step_size, tta, progress, timings, spacing=spacing)
 
 
 def window_case(probes: list[TrainedProbe], loaded: LoadedCase, device: torch.device, step_size: float = 0.5,
                 tta: bool | int = False, save_probabilities: bool = False, progress=None,
                 settings: InferenceSettings | None = None, timings: dict[str, float] | None = None) -> WindowResult:
     """Sliding window, fold ensemble and softmax on the planned grid; frees the preprocessed volume."""
-    return Predictor(probes, device, settings, prepare=False).window_case(loaded, step_size, tta, save_probabilities,
-                                                                         progress, timings)
+    predictor = Predictor(probes, device, settings, prepare=False, postprocess=False)
+    return predictor.window_case(loaded, step_size, tta, save_probabilities, progress, timings)
 
 
 def _memory_need(case: Case, meta: dict, num_probes: int, save_probabilities: bool, **options) -> MemoryEstimate | None:
@@ -209,9 +214,11 @@ class Predictor:
     """
 
     def __init__(self, probes: list[TrainedProbe], device: str | torch.device,
-                 settings: InferenceSettings | None = None, *, prepare: bool = True) -> None:
+                 settings: InferenceSettings | None = None, *, prepare: bool = True, postprocess: bool = True) -> None:
         if not probes:
             raise ValueError("a predictor needs at least one probe")
+        self.postprocessing = Postprocessing.for_model(probes[0].meta.get("plans") or {}, [p.folder for p in probes]) \
+            if postprocess else Postprocessing()
         self.device = torch.device(device)
         self.settings = settings or InferenceSettings()
         self.settings.check()
@@ -230,10 +237,10 @@ class Predictor:
 
     @classmethod
     def from_folders(cls, folders: list[Path], device: str | torch.device = "auto",
-                     settings: InferenceSettings | None = None) -> Predictor:
+                     settings: InferenceSettings | None = None, postprocess: bool = True) -> Predictor:
         """Load the trained probes of ``folders`` (fold folders, e.g. from ``select_model``) onto ``device``."""
         dev = torch.device(resolve_device(device)) if isinstance(device, str) else device
-        return cls([load_trained_probe(Path(f), dev) for f in folders], dev, settings)
+        return cls([load_trained_probe(Path(f), dev) for f in folders], dev, settings, postprocess=postprocess)
 
     @property
     def meta(self) -> dict:
@@ -248,7 +255,7 @@ class Predictor:
 
     def load_case(self, case: Case, timings: dict[str, float] | None = None) -> LoadedCase:
         """Read, integrity-check and preprocess one input (no torch work: may run in a thread)."""
-        return load_case(self.probes, case, timings)
+        return load_case(self.probes, case, timings, keep_body=self.postprocessing.outside_body)
 
     def logits(self, data: np.ndarray, step_size: float = 0.5, tta: bool | int = False, progress=None,
                timings: dict[str, float] | None = None, spacing: list[float] | None = None) -> torch.Tensor:
@@ -280,7 +287,7 @@ class Predictor:
     def export_case(self, result: WindowResult, out_path: Path, timings: dict[str, float] | None = None,
                     output_type: str = "nifti") -> Path:
         """Label map (and probabilities) back to the input's raw geometry, written atomically."""
-        return export_case(self.probes, result, out_path, timings, output_type)
+        return export_case(self.probes, result, out_path, timings, output_type, self.postprocessing)
 
     def predict_folder(self, inputs: str | Path, output: str | Path, step_size: float = 0.5, tta: bool | int = False,
                        save_probabilities: bool = False, continue_prediction: bool = False, num_parts: int = 1,
@@ -371,7 +378,7 @@ def predict(inputs: str | Path, output: str | Path, dataset: str | int | None = 
             step_size: float = 0.5, tta: bool | int = False, save_probabilities: bool = False,
             continue_prediction: bool = False, num_parts: int = 1, part_id: int = 0,
             show_progress: bool = True, settings: InferenceSettings | None = None,
-            timings: list[dict] | None = None, output_type: str = "nifti") -> list[Path]:
+            timings: list[dict] | None = None, output_type: str = "nifti", postprocess: bool = True) -> list[Path]:
     """Predict every input case (this part of them) with the chosen model's folds; returns the written
     segmentation files. A thin wrapper: ``Predictor.from_folders(select_model(...)).predict_folder(...)``."""
     settings = settings or InferenceSettings()
@@ -380,6 +387,6 @@ def predict(inputs: str | Path, output: str | Path, dataset: str | int | None = 
     tta_draws(tta)
     check_output_type(output_type, inputs=inputs)
     dev = torch.device(resolve_device(device))
-    predictor = Predictor.from_folders(select_model(dataset, configuration, folds), dev, settings)
+    predictor = Predictor.from_folders(select_model(dataset, configuration, folds), dev, settings, postprocess)
     return predictor.predict_folder(inputs, output, step_size, tta, save_probabilities, continue_prediction,
                                     num_parts, part_id, show_progress, timings, output_type)

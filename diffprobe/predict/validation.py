@@ -3,7 +3,9 @@ cases on the preprocessed grid, scored against their preprocessed labels.
 
 Scoring on the preprocessed grid avoids re-reading and resampling the raw files; it is what
 nnU-Net's "pseudo Dice" approximates and is close to the raw-grid Dice for phantoms and CT.
-Writes ``validation/summary.json`` (per case and mean: Dice, surface Dice, HD95).
+Writes ``validation/summary.json`` (per case and mean: Dice, surface Dice, HD95) and, from the same
+predictions, the fold's largest-component decision ``postprocessing.json``
+(``diffprobe.postprocessing.determine``; the summary's Dice is before postprocessing).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from diffprobe.evaluation.evaluate import to_json_safe
 from diffprobe.evaluation.metrics import case_metrics
 from diffprobe.parallel import progress_bar
+from diffprobe.postprocessing.determine import LargestComponentTrial
 from diffprobe.predict.predictor import predict_logits
 from diffprobe.preprocessing.storage import load_case
 from diffprobe.probe.model import load_trained_probe
@@ -41,6 +44,7 @@ def validate_fold(folder: Path, data_dir: Path, case_ids: list[str], device: tor
     labels = {v: k for k, v in probe.meta["labels"].items() if v != 0}
     spacing = probe.meta["plans"]["preprocessing"]["target_spacing"]
     per_case = []
+    trial = LargestComponentTrial(labels)
     with progress_bar() as bar:
         task = bar.add_task("validation", total=len(case_ids), visible=show_progress)
         for ident in case_ids:
@@ -48,6 +52,7 @@ def validate_fold(folder: Path, data_dir: Path, case_ids: list[str], device: tor
             logits = predict_logits([probe], data, spacing, torch.device(device))
             pred = logits.argmax(0).cpu().numpy()
             per_case.append(case_metrics(seg, pred, sorted(labels), spacing, TOLERANCE_MM))
+            trial.add_case(ident, seg, pred)
             bar.advance(task)
     mean = mean_metrics(per_case, sorted(labels))
     fg = [m["Dice"] for m in mean.values() if not np.isnan(m["Dice"])]
@@ -58,6 +63,8 @@ def validate_fold(folder: Path, data_dir: Path, case_ids: list[str], device: tor
         "mean": {labels[k]: v for k, v in mean.items()},
         "foreground_mean_dice": float(np.mean(fg)) if fg else float("nan"),
     }
+    decision = trial.write(folder)
+    summary["postprocessing_largest_component"] = [labels[k] for k in decision["largest_component"]]
     write_json(folder / "validation" / "summary.json", to_json_safe(summary))
     return summary
 
@@ -68,4 +75,7 @@ def format_validation(summary: dict) -> str:
     for name, m in summary["mean"].items():
         lines.append(f"{name:<16}{m['Dice']:>8.3f}{m['NSD']:>8.3f}{m['HD95']:>9.1f}")
     lines.append(f"{'mean Dice':<16}{summary['foreground_mean_dice']:>8.3f}")
+    if "postprocessing_largest_component" in summary:
+        chosen = ", ".join(summary["postprocessing_largest_component"]) or "none"
+        lines.append(f"largest component kept (postprocessing.json): {chosen}")
     return "\n".join(lines)

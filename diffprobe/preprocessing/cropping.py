@@ -34,6 +34,16 @@ def body_mask(ct_zyx: np.ndarray, threshold: float = BODY_HU_THRESHOLD) -> np.nd
     return keep
 
 
+def fill_in_plane(mask_zyx: np.ndarray) -> np.ndarray:
+    """Fill the holes of each axial plane: the lungs and the gas of stomach and bowel are body."""
+    return np.stack([ndimage.binary_fill_holes(plane) for plane in mask_zyx])
+
+
+def filled_body(ct_zyx: np.ndarray) -> np.ndarray:
+    """The body as the crop finds it, its in-plane holes filled: outside lie air, the table and padding."""
+    return fill_in_plane(body_mask(np.asarray(ct_zyx, dtype=np.float32)))
+
+
 def nonzero_mask(data_czyx: np.ndarray) -> np.ndarray:
     from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
 

@@ -21,7 +21,7 @@ from diffprobe.dataset.dataset_json import DatasetInfo
 from diffprobe.dataset.integrity import CheckedCase, check_case
 from diffprobe.errors import DiffprobeError
 from diffprobe.io.geometry import AxisMap, Geometry, undo_canonical
-from diffprobe.preprocessing.cropping import bounding_box, crop, foreground_mask
+from diffprobe.preprocessing.cropping import bounding_box, crop, fill_in_plane, foreground_mask
 from diffprobe.preprocessing.normalization import normalize
 from diffprobe.preprocessing.resampling import resample_to_shape
 
@@ -57,9 +57,13 @@ def class_locations(seg: np.ndarray, labels: list[int], seed: int) -> dict[str, 
     return out
 
 
-def preprocess_checked(checked: CheckedCase, info: DatasetInfo,
-                       plans: dict) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Crop, resample, normalise an integrity-checked case. Returns (data, seg, properties)."""
+def preprocess_checked(checked: CheckedCase, info: DatasetInfo, plans: dict,
+                       keep_body: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Crop, resample, normalise an integrity-checked case. Returns (data, seg, properties).
+
+    ``keep_body`` (predict, CT): ``properties["body"]`` is the body mask on the cropped raw grid with its
+    in-plane holes filled (bool array, not JSON: never written with preprocessed data), for the
+    ``outside_body`` postprocessing."""
     pre = plans["preprocessing"]
     ct = [c for c in range(info.num_channels) if info.is_ct(c)]
     mask = foreground_mask(checked.data, ct)
@@ -96,6 +100,8 @@ def preprocess_checked(checked: CheckedCase, info: DatasetInfo,
         if seg is not None else None,
         "notes": checked.notes,
     }
+    if keep_body and ct:
+        props["body"] = fill_in_plane(crop(mask, box))
     return data, seg, props
 
 
@@ -150,8 +156,10 @@ def revert_to_original(array_zyx: np.ndarray, props: dict, is_seg: bool, fill_va
     return uncrop_to_original(x.astype(array_zyx.dtype, copy=False), props, fill_value)
 
 
-def preprocess_input(case: Case, plans: dict, dataset_name: str) -> tuple[np.ndarray, dict]:
-    """An unseen input (predict, features) read, integrity-checked and preprocessed as planned.
+def preprocess_input(case: Case, plans: dict, dataset_name: str,
+                     keep_body: bool = False) -> tuple[np.ndarray, dict]:
+    """An unseen input (predict, features) read, integrity-checked and preprocessed as planned
+    (``keep_body``: see :func:`preprocess_checked`).
 
     The dataset.json is not at hand for an input folder: channels and labels come from the plans.
     """
@@ -162,5 +170,5 @@ def preprocess_input(case: Case, plans: dict, dataset_name: str) -> tuple[np.nda
     checked, problems = check_case(case, info)
     if checked is None:
         raise DiffprobeError(problems[0].what, problems[0].file, problems[0].fix)
-    data, _, props = preprocess_checked(checked, info, plans)
+    data, _, props = preprocess_checked(checked, info, plans, keep_body)
     return data, props
