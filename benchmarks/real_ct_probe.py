@@ -19,6 +19,7 @@ trains further probes on its pretrained model (or a control) and scores each on:
     python benchmarks/real_ct_probe.py --work /tmp/realct --name zjit --score_only --tta 4       # TTA, same probe
     python benchmarks/real_ct_probe.py --work /tmp/realct --name zt2510 --timesteps 2 5 10     # less noise
     python benchmarks/real_ct_probe.py --work /tmp/realct --name zjit --score_only --precision bf16
+    python benchmarks/real_ct_probe.py --work /tmp/realct --name zjit --score_only --no_postprocessing  # plain argmax
 
 Appends one JSON line per probe to ``<work>/real_ct_probes.jsonl`` and prints it.
 """
@@ -44,7 +45,7 @@ def _value(text: str):
 
 
 def score_cut_images(work: Path, config: str, cut: int, lengths: list[int], labels: dict[str, int],
-                     tta: int = 0, precision: str = "fp32") -> dict:
+                     tta: int = 0, precision: str = "fp32", postprocess: bool = True) -> dict:
     """Predict the labelled image cut to its first N slices; Dice on its training and held-out slices."""
     import SimpleITK as sitk
 
@@ -58,13 +59,14 @@ def score_cut_images(work: Path, config: str, cut: int, lengths: list[int], labe
             "heldout": sitk.ReadImage(str(raw / "labelsTs" / "abdomenslab.nii.gz"))}
     rows = {}
     for n in lengths:
-        mode = ("none" if not tta else f"tta{tta}") + ("" if precision == "fp32" else f"_{precision}")
+        mode = ("none" if not tta else f"tta{tta}") + ("" if precision == "fp32" else f"_{precision}") \
+            + ("" if postprocess else "_npp")
         base = work / "cut_images" / config / mode / f"n{n}"
         (base / "img").mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image[:, :, :n], str(base / "img" / "abdomen_0000.nii.gz"))
         started = time.perf_counter()
         predict(base / "img", base / "pred", DATASET, config, ["all"], "cpu", show_progress=False, tta=tta or False,
-                settings=InferenceSettings(precision=precision))
+                settings=InferenceSettings(precision=precision), postprocess=postprocess)
         rows[f"full_n{n}_seconds"] = round(time.perf_counter() - started, 1)
         pred = sitk.ReadImage(str(base / "pred" / "abdomen.nii.gz"))
         parts = {"train": (slice(0, min(n, cut)), refs["train"][:, :, :min(n, cut)])}
@@ -96,6 +98,9 @@ def main() -> None:
                     "(with --tta / --precision) instead of training it")
     ap.add_argument("--tta", type=int, default=0, help="predict with the noise ensemble of this many draws")
     ap.add_argument("--precision", default="fp32", help="fp32 or bf16 (predict -precision)")
+    ap.add_argument("--no_postprocessing", action="store_true",
+                    help="score the cut images' plain argmax (predict -npp; the fit row is before postprocessing "
+                         "either way)")
     args = ap.parse_args()
     work = args.work.resolve()
     use_work_roots(work)
@@ -132,10 +137,12 @@ def main() -> None:
               / "checkpoint_final.pt").is_file():
         sys.exit(f"--score_only: configuration {args.name} is not trained in {work}")
     train_seconds = time.perf_counter() - started
-    rows |= score_cut_images(work, args.name, cut, args.lengths, labels, args.tta, args.precision)
+    rows |= score_cut_images(work, args.name, cut, args.lengths, labels, args.tta, args.precision,
+                             not args.no_postprocessing)
     cpu1 = os.times()
     line = {"name": args.name, "pretrained": args.pretrained, "extractor": args.extractor, "overrides": overrides,
             "timesteps": args.timesteps, "score_only": args.score_only, "tta": args.tta, "precision": args.precision,
+            "postprocessing": not args.no_postprocessing,
             "seed": args.seed, "train_seconds": round(train_seconds, 1),
             "cpu_seconds": round(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 1),
             "load_average": round(os.getloadavg()[0], 2), "rows": rows}

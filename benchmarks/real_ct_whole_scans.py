@@ -12,6 +12,7 @@ axial slice of every scan with the prediction over it.
 
     python benchmarks/real_ct_whole_scans.py --work /tmp/realct --names zjit zaug02
     python benchmarks/real_ct_whole_scans.py --work /tmp/realct --names zjit --scans crlm1004
+    python benchmarks/real_ct_whole_scans.py --work /tmp/realct --names zjit --postprocessing both
 
 Appends one JSON line per (probe, scan) to ``<work>/real_ct_whole_scans.jsonl`` and prints a table.
 """
@@ -99,6 +100,8 @@ def main() -> None:
     ap.add_argument("--names", nargs="+", required=True, help="trained probe configurations to predict with")
     ap.add_argument("--scans", nargs="*", default=list(SCANS))
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--postprocessing", choices=("on", "off", "both"), default="on",
+                    help="predict with the model's postprocessing (default), without it (-npp), or both side by side")
     args = ap.parse_args()
     work = args.work.resolve()
     use_work_roots(work)
@@ -112,25 +115,27 @@ def main() -> None:
         image = sitk.ReadImage(str(inputs / f"{scan}_0000.nii.gz"))
         images[scan], spacings[scan] = sitk.GetArrayFromImage(image), image.GetSpacing()[::-1]
         bodies[scan] = filled_body(images[scan])
-    for name in args.names:
-        out = work / "whole_scans" / name
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.postprocessing]
+    for name, postprocess in [(n, p) for n in args.names for p in modes]:
+        out = work / "whole_scans" / (name if postprocess else f"{name}__npp")
         started = time.perf_counter()
-        predict(inputs, out, DATASET, name, ["all"], args.device, show_progress=False)
+        predict(inputs, out, DATASET, name, ["all"], args.device, show_progress=False, postprocess=postprocess)
         seconds = round(time.perf_counter() - started, 1)
         preds = {s: sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{s}.nii.gz"))) for s in args.scans}
         for scan in args.scans:
             stats = {organ: organ_stats(preds[scan], spacings[scan], labels[organ], bodies[scan]) for organ in ORGANS}
-            line = {"name": name, "scan": scan, "predict_seconds_all_scans": seconds, "organs": stats}
+            line = {"name": name, "scan": scan, "postprocessing": postprocess, "predict_seconds_all_scans": seconds,
+                    "organs": stats}
             with open(work / "real_ct_whole_scans.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
-            print(f"\n{name} on {scan}")
+            print(f"\n{name} on {scan}" + ("" if postprocess else " (no postprocessing)"))
             print(f"{'organ':28s} {'mL':>8s} {'comps':>6s} {'largest':>8s} {'z mm':>6s} {'out mL':>7s}")
             for organ, st in stats.items():
                 print(f"{organ:28s} {st['ml']:8.1f} {st['components']:6d} {st['largest_share']:8.3f} "
                       f"{st['z_extent_mm']:6.1f} {st['outside_body_ml']:7.2f}")
-        overlay(images, preds, spacings, labels["liver"], f"probe {name}: whole unlabelled real CTs",
-                work / "whole_scans" / f"{name}.png")
-        print(f"\n{name}: {seconds} s for {len(args.scans)} scans; overlay {work / 'whole_scans' / f'{name}.png'}")
+        figure = work / "whole_scans" / f"{out.name}.png"
+        overlay(images, preds, spacings, labels["liver"], f"probe {out.name}: whole unlabelled real CTs", figure)
+        print(f"\n{out.name}: {seconds} s for {len(args.scans)} scans; overlay {figure}")
 
 
 if __name__ == "__main__":

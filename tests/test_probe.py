@@ -222,3 +222,10 @@ def test_train_cli_writes_validation_summary(use_trained_probe_roots):
     summary = json.loads((folder / "validation" / "summary.json").read_text())
     assert summary["postprocessing_largest_component"] == [
         name for name, c in decision["classes"].items() if c["class"] in decision["largest_component"]]
+    # --val: the final validation again, no training step; the same decision from the same probe
+    (folder / "postprocessing.json").unlink()
+    mtime = (folder / "checkpoint_final.pt").stat().st_mtime_ns
+    assert main(["train", "-d", "1", "-f", "0", "-m", "tiny", "--head", "linear", "--val"]) == 0
+    assert json.loads((folder / "postprocessing.json").read_text()) == decision
+    assert (folder / "checkpoint_final.pt").stat().st_mtime_ns == mtime
+    assert main(["train", "-d", "1", "-f", "1", "-m", "tiny", "--head", "linear", "--val"]) == 1  # never trained

@@ -26,16 +26,22 @@ def train_cmd(
     timesteps: list[int] | None = typer.Option(None, "--t", "--timesteps",
                                                help="feature timesteps (default: the plans' feature_timesteps)"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
+    validation_only: bool = typer.Option(False, "--val", help="only run the final validation of the finished "
+                                         "probe (summary.json, postprocessing.json), as nnU-Net's --val"),
 ) -> None:
     """Train a probing head on the frozen pretrained denoiser's multi-timestep features."""
-    from diffprobe.workflows.train_probe import train_probe
+    from diffprobe.predict.validation import format_validation
+    from diffprobe.workflows.train_probe import train_probe, validate_probe
+
+    if validation_only:
+        summary = validate_probe(dataset, fold, pretrained, head, finetune, device)
+        console.print(format_validation(summary), highlight=False, markup=False)
+        return
 
     overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "checkpoint_every": checkpoint_every}
     result = train_probe(dataset, fold, pretrained, head, finetune, device, resume, overrides, timesteps or None,
                          seed)
     if result.validation:
-        from diffprobe.predict.validation import format_validation
-
         console.print(format_validation(result.validation), highlight=False, markup=False)
     console.print(f"[green]done[/] {result.folder}", highlight=False)
 

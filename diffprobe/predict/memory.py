@@ -19,7 +19,8 @@ guidance channels; bytes):
   running log-probability sum (tiles x K x patch, float32) is kept between them.
 * **back to the raw grid** — the K float32 softmax planes on the planned grid (4 K M), each
   resampled linearly in turn with a running float16 maximum and the label map (its argmax),
-  un-cropped, re-oriented and handed to SimpleITK: ~``WRITE_BYTES_PER_RAW_VOXEL * N + 4 K M``; with
+  postprocessed (``diffprobe.postprocessing``), un-cropped, re-oriented and handed to SimpleITK:
+  ~``WRITE_BYTES_PER_RAW_VOXEL * N + 4 K M``; with
   ``--save_probabilities`` also K float16 planes on the raw grid and one being un-cropped.
 
 The bound is the largest phase plus the process's fixed cost (Python, torch, the models).
@@ -42,8 +43,10 @@ FIXED_BYTES = 0.8e9  # interpreter, torch, nnU-Net imports, BPR + denoiser + hea
 READ_BYTES_PER_RAW_VOXEL = 14.0  # pixels + float32 copy + canonical copy + mask + crop, + integrity re-read
 # label map on the raw grid, un-cropped, re-oriented, SimpleITK's copy (6, measured), plus one class plane
 # resampled in float32, its float16 copy and the running maximum (+4: 2.7 -> 6.0 B a voxel measured for
-# the label-map vs the probability path on an anisotropic 60x256x256 case, cases.to_raw_grid)
-WRITE_BYTES_PER_RAW_VOXEL = 10.0
+# the label-map vs the probability path on an anisotropic 60x256x256 case, cases.to_raw_grid); +1 for the
+# body mask kept for postprocessing (its reduction's temporaries, ~9 B a cropped voxel at most, come after
+# the class planes are freed, so they stay under the loop's peak)
+WRITE_BYTES_PER_RAW_VOXEL = 11.0
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from diffprobe.probe.model import (
     EXTRACTORS,
     INITS,
     PROBE_FORMAT,
+    ProbeFolder,
     ProbeModel,
     build_probe,
     configuration_name,
@@ -259,3 +260,20 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
 
         result.validation = validate_fold(folder, data_dir, val_ids, dev, show_progress)
     return result
+
+
+def validate_probe(dataset: str | int, fold: str = "0", pretrained: str = "default", head: str = "fpn",
+                   finetune: bool = False, device: str = "auto", show_progress: bool = True,
+                   configuration: str | None = None) -> dict:
+    """The final validation of a finished probe again (nnU-Net's ``--val``): ``validation/summary.json``
+    and the fold's largest-component decision ``postprocessing.json``, e.g. for a probe trained before
+    that decision existed. No training step runs."""
+    from diffprobe.predict.validation import validate_fold
+
+    folder = probe_dir(dataset, configuration or configuration_name(pretrained, head, finetune), str(parse_fold(fold)))
+    if not ProbeFolder(folder).finished:
+        raise DiffprobeError("no finished probe to validate", folder,
+                             "train it first: diffprobe train -d DATASET -f FOLD (without --val)")
+    data_dir, _, _ = preprocessed_cases(dataset)
+    val_ids = read_json(folder / "probe.json")["val_cases"]
+    return validate_fold(folder, data_dir, val_ids, resolve_device(device), show_progress)
