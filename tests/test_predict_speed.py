@@ -47,9 +47,9 @@ def test_no_prefetch_when_memory_is_short(use_trained_probe_roots, tmp_path, mon
     submitted = []
     real = predictor.load_case
 
-    def spy(probes, case, timings=None):
+    def spy(probes, case, timings=None, **options):
         submitted.append(case.identifier)
-        return real(probes, case, timings)
+        return real(probes, case, timings, **options)
 
     monkeypatch.setattr(predictor, "load_case", spy)
     monkeypatch.setattr(predictor, "_room_to_prefetch", lambda *a: False)
