@@ -331,3 +331,30 @@ def test_in_place_residual_never_lowers_the_residual_streams_precision():
     same = torch.randn(2, 4, 3, 3, 3)
     buf = same.clone()
     assert add_residual(buf, r) is buf and torch.equal(buf, r + same)
+
+
+@pytest.mark.parametrize("kind", ["linear", "softmax"])
+def test_channels_last_attention_runs_token_major_with_the_same_maths(kind):
+    """On a channels_last_3d map attention and 1x1x1 skips run as matrix products on the token view
+    (no layout round trips); values, gradients and the output's layout match the channels-first path."""
+    from diffprobe.models.attention import is_channels_last, make_attention
+    from diffprobe.models.unet3d import ResBlock3d
+
+    torch.manual_seed(0)
+    attention = make_attention(kind, 16, 4, 8)
+    block = ResBlock3d(8, 16, 12)
+    for p in [*attention.parameters(), *block.parameters()]:
+        torch.nn.init.normal_(p, 0, 0.1)
+    x, emb = torch.randn(2, 16, 3, 5, 4), torch.randn(2, 12)
+    for module, args in ((attention, (x,)), (block, (x[:, :8], emb))):
+        first = args[0].clone().requires_grad_()
+        last = args[0].contiguous(memory_format=torch.channels_last_3d).detach().requires_grad_()
+        assert is_channels_last(last) and not is_channels_last(first)
+        a, b = module(first, *args[1:]), module(last, *args[1:])
+        assert is_channels_last(b)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        torch.testing.assert_close(last.grad, first.grad, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():  # the in-place inference path
+            torch.testing.assert_close(module(last.detach().clone(), *args[1:]), a.detach(), rtol=1e-5, atol=1e-6)

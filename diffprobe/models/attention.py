@@ -45,6 +45,20 @@ def add_residual(h: Tensor, residual: Tensor) -> Tensor:
     return h.add_(residual) if h.dtype == residual.dtype and h.shape == residual.shape else residual + h
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """A 5-D map stored channels_last_3d (and not also plain contiguous, as 1-channel or 1-voxel maps are)."""
+    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
+def pointwise(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """A 1x1x1 convolution; on a channels_last_3d map a matrix product on its (B, z, y, x, C) view, whose
+    result is again channels_last_3d (CPU convolutions of small batches copied the layout around it)."""
+    if not is_channels_last(x):
+        return conv(x)
+    out = F.linear(x.permute(0, 2, 3, 4, 1), conv.weight.view(conv.out_channels, conv.in_channels), conv.bias)
+    return out.permute(0, 4, 1, 2, 3)
+
+
 class Attention3d(nn.Module):
     """Shared pre-norm residual multi-head attention over a (B, C, z, y, x) map; subclasses define :meth:`attend`.
 
@@ -74,11 +88,34 @@ class Attention3d(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_channels_last(x):
+            return self._forward_tokens(x)
         q, k, v = self.split_heads(x)
         out = self.attend(q, k, v).reshape(x.shape)
         if not torch.is_grad_enabled():  # inference: the residual added in place (ResBlock3d.forward)
             return add_residual(self.proj(out), x)
         return x + self.proj(out)
+
+    def _forward_tokens(self, x: Tensor) -> Tensor:
+        """The same block on a channels_last_3d map, token-major throughout.
+
+        A channels_last_3d (B, C, z, y, x) map *is* a (B, N, C) token matrix in memory: the 1x1x1
+        projections become matrix products on it (the convolutions' own weights, viewed), heads are
+        strided views, and the result is again a channels_last_3d map. The channels-major path
+        would copy qkv to channels-first, run the projection on a channels-first map and add a
+        channels-first result to a channels_last residual (three layout round trips per block)."""
+        b, c = x.shape[:2]
+        tokens = self.norm(x).permute(0, 2, 3, 4, 1).reshape(b, -1, c)  # a view when norm keeps the layout
+        qkv = F.linear(tokens, self.qkv.weight.view(3 * c, c), self.qkv.bias)  # (B, N, 3C)
+        # (B, N, 3, heads, d) -> q, k, v as (B, heads, d, N) strided views, the layout attend() takes
+        q, k, v = qkv.view(b, -1, 3, self.heads, self.head_dim).permute(2, 0, 3, 4, 1).unbind(0)
+        out = self.attend(q, k, v)  # (B, heads, d, N)
+        out = out.permute(0, 3, 1, 2).reshape(b, -1, c)  # (B, N, C): one copy
+        h = F.linear(out, self.proj.weight.view(c, c), self.proj.bias)
+        h = h.view(b, *x.shape[2:], c).permute(0, 4, 1, 2, 3)  # channels_last_3d (B, C, z, y, x)
+        if not torch.is_grad_enabled():
+            return add_residual(h, x)
+        return x + h
 
     def attention_macs(self, batch: int, tokens: int) -> int:
         """Multiply-accumulates of the head matmuls (not the projections), for FLOP accounting."""

@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffprobe.models.attention import ATTENTION_KINDS, Attention3d, add_residual, make_attention, num_groups
+from diffprobe.models.attention import (
+    ATTENTION_KINDS,
+    Attention3d,
+    add_residual,
+    make_attention,
+    num_groups,
+    pointwise,
+)
 
 ATTENTION_MODES = ("planned", "none", *ATTENTION_KINDS)
 # Kernel sizes (first conv, second conv) of the residual block that replaces each attention block
@@ -113,11 +120,14 @@ class ResBlock3d(nn.Module):
             # autograd's ops
             h = self.conv1(F.silu(self.norm1(x), inplace=True))
             h = torch.addcmul(shift, self.norm2(h), 1 + scale)
-            return add_residual(self.conv2(F.silu(h, inplace=True)), self.skip(x))
+            return add_residual(self.conv2(F.silu(h, inplace=True)), self._skip(x))
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(F.silu(h))
-        return self.skip(x) + h
+        return self._skip(x) + h
+
+    def _skip(self, x: Tensor) -> Tensor:
+        return pointwise(self.skip, x) if isinstance(self.skip, nn.Conv3d) else self.skip(x)
 
 
 class Stage(nn.Module):
