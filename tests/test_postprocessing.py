@@ -124,3 +124,18 @@ def test_saved_probabilities_stay_the_argmax_of_a_postprocessed_label_map(tmp_pa
     assert (outside_only[body_raw] == plain[body_raw]).all()
     for k in (1, 2):
         assert ndimage.label(labels == k, structure=np.ones((3, 3, 3)))[1] == 1
+
+
+def test_plans_refuse_a_postprocessing_switch_that_is_not_a_boolean(tmp_path):
+    from diffprobe.planning.planner import plan
+    from diffprobe.planning.plans import validate_plans
+
+    fingerprint = {"dataset": "X", "spacings": [[2.0, 1.0, 1.0]], "median_spacing": [2.0, 1.0, 1.0],
+                   "shapes_after_crop": [[40, 96, 96]], "num_cases": 1, "num_labelled": 1,
+                   "channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1}}
+    plans = plan(fingerprint, size_class="tiny")
+    assert plans["postprocessing"]["outside_body"] is False  # no CT: no HU body mask
+    validate_plans(plans, tmp_path / "plans.json")
+    plans["postprocessing"]["outside_body"] = "yes"
+    with pytest.raises(DiffprobeError, match="postprocessing.outside_body"):
+        validate_plans(plans, tmp_path / "plans.json")
