@@ -68,9 +68,11 @@ def test_an_ensemble_reduces_the_classes_every_fold_chose(tmp_path):
     for fold, classes in (("a", [1, 2]), ("b", [2, 3]), ("c", [2])):
         (tmp_path / fold).mkdir()
         (tmp_path / fold / POSTPROCESSING_FILENAME).write_text(json.dumps({"largest_component": classes}))
-    plans = {"postprocessing": {"outside_body": True}}
+    plans = {"postprocessing": {"outside_body": True}, "channel_names": {"0": "CT"}}
     post = Postprocessing.for_model(plans, [tmp_path / f for f in "abc"])
     assert post == Postprocessing(outside_body=True, largest_component=[2])
+    mri = {"postprocessing": {"outside_body": True}, "channel_names": {"0": "T1"}}
+    assert not Postprocessing.for_model(mri, [tmp_path / "a"]).outside_body  # no HU: no body mask
     (tmp_path / "old").mkdir()  # a fold trained before postprocessing.json existed: no reduction
     assert Postprocessing.for_model({}, [tmp_path / "a", tmp_path / "old"]) == Postprocessing(False, [])
     (tmp_path / "c" / POSTPROCESSING_FILENAME).write_text('{"largest_component": "liver"}')
@@ -138,4 +140,7 @@ def test_plans_refuse_a_postprocessing_switch_that_is_not_a_boolean(tmp_path):
     validate_plans(plans, tmp_path / "plans.json")
     plans["postprocessing"]["outside_body"] = "yes"
     with pytest.raises(DiffprobeError, match="postprocessing.outside_body"):
+        validate_plans(plans, tmp_path / "plans.json")
+    plans["postprocessing"]["outside_body"] = True
+    with pytest.raises(DiffprobeError, match="needs a CT channel"):
         validate_plans(plans, tmp_path / "plans.json")

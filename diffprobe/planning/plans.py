@@ -110,6 +110,9 @@ def validate_plans(plans: dict, path: str | Path = PLANS_FILENAME) -> None:
     _require(isinstance(post, dict), path, "postprocessing", "must be a JSON object, e.g. {\"outside_body\": true}")
     _require(isinstance(post.get("outside_body", False), bool), path, "postprocessing.outside_body",
              f"must be true or false, got {post.get('outside_body')!r}")
+    has_ct = any(str(n).strip().lower() == "ct" for n in (plans.get("channel_names") or {}).values())
+    _require(not post.get("outside_body") or has_ct, path, "postprocessing.outside_body",
+             "needs a CT channel (the body is found above -500 HU); set it to false")
     _validate_consistency(plans, path)
 
 

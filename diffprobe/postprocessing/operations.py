@@ -67,9 +67,11 @@ class Postprocessing:
     @classmethod
     def for_model(cls, plans: dict, fold_folders: list[Path]) -> Postprocessing:
         """The plans' ``outside_body`` (on for CT when planned; absent in plans older than the setting:
-        off) and the classes every fold's validation chose (a fold without ``postprocessing.json``,
-        trained before it existed, chooses none)."""
-        outside = bool((plans.get("postprocessing") or {}).get("outside_body", False))
+        off; never without a CT channel, where preprocessing finds no body mask) and the classes every
+        fold's validation chose (a fold without ``postprocessing.json``, trained before it existed,
+        chooses none)."""
+        has_ct = any(str(n).strip().lower() == "ct" for n in (plans.get("channel_names") or {}).values())
+        outside = bool((plans.get("postprocessing") or {}).get("outside_body", False)) and has_ct
         chosen: set[int] | None = None
         for folder in fold_folders:
             classes = set(read_decision(Path(folder)).get("largest_component", []))
