@@ -53,6 +53,11 @@ def _is_list_of(v: Any, kind: type, n: int | None = 3) -> bool:
         isinstance(x, kind) and not isinstance(x, bool) for x in v)
 
 
+def has_ct_channel(plans: dict) -> bool:
+    """Whether a channel of the plans is CT (dataset.json name "CT"): only then is there a HU body mask."""
+    return any(str(n).strip().lower() == "ct" for n in (plans.get("channel_names") or {}).values())
+
+
 def validate_plans(plans: dict, path: str | Path = PLANS_FILENAME) -> None:
     """Raise DiffprobeError naming the first invalid key.
 
@@ -110,8 +115,7 @@ def validate_plans(plans: dict, path: str | Path = PLANS_FILENAME) -> None:
     _require(isinstance(post, dict), path, "postprocessing", "must be a JSON object, e.g. {\"outside_body\": true}")
     _require(isinstance(post.get("outside_body", False), bool), path, "postprocessing.outside_body",
              f"must be true or false, got {post.get('outside_body')!r}")
-    has_ct = any(str(n).strip().lower() == "ct" for n in (plans.get("channel_names") or {}).values())
-    _require(not post.get("outside_body") or has_ct, path, "postprocessing.outside_body",
+    _require(not post.get("outside_body") or has_ct_channel(plans), path, "postprocessing.outside_body",
              "needs a CT channel (the body is found above -500 HU); set it to false")
     _validate_consistency(plans, path)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from diffprobe.evaluation.metrics import dice
-from diffprobe.postprocessing.operations import POSTPROCESSING_FILENAME, keep_largest_component
+from diffprobe.postprocessing.operations import POSTPROCESSING_FILENAME, outside_largest_component
 from diffprobe.utils import write_json
 
 RULE = ("per class, all but the largest 26-connected component removed where that raises the class's mean "
@@ -41,11 +41,9 @@ class LargestComponentTrial:
         """Score one validation case's prediction as it is and with each class reduced on its own."""
         self.cases.append(identifier)
         for label in self.labels:
-            ref = reference == label
-            reduced = prediction.copy()
-            keep_largest_component(reduced, label)
-            self.before.setdefault(label, []).append(dice(ref, prediction == label))
-            self.after.setdefault(label, []).append(dice(ref, reduced == label))
+            ref, pred = reference == label, prediction == label
+            self.before.setdefault(label, []).append(dice(ref, pred))
+            self.after.setdefault(label, []).append(dice(ref, pred & ~outside_largest_component(pred)))
 
     @staticmethod
     def _mean(values: list[float]) -> float:

@@ -15,23 +15,28 @@ import numpy as np
 from scipy import ndimage
 
 from diffprobe.errors import DiffprobeError
+from diffprobe.planning.plans import has_ct_channel
 
 POSTPROCESSING_FILENAME = "postprocessing.json"
 # 26-connectivity, as nnU-Net's remove_all_but_largest_component (skimage's full connectivity)
 CONNECTIVITY = np.ones((3, 3, 3), bool)
 
 
+def outside_largest_component(mask: np.ndarray) -> np.ndarray:
+    """The voxels of ``mask`` outside its largest 26-connected component (none when it has one piece)."""
+    components, count = ndimage.label(mask, structure=CONNECTIVITY)
+    if count <= 1:
+        return np.zeros(mask.shape, bool)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return mask & (components != int(np.argmax(sizes)))
+
+
 def keep_largest_component(labels: np.ndarray, label: int) -> np.ndarray:
     """Set every voxel of ``label`` outside its largest 26-connected component to 0, in place.
 
     Returns the mask of the voxels removed."""
-    mask = labels == label
-    components, count = ndimage.label(mask, structure=CONNECTIVITY)
-    if count <= 1:
-        return np.zeros(labels.shape, bool)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    removed = mask & (components != int(np.argmax(sizes)))
+    removed = outside_largest_component(labels == label)
     labels[removed] = 0
     return removed
 
@@ -58,8 +63,9 @@ class Postprocessing:
         if self.outside_body:
             if body is None or body.shape != labels.shape:
                 raise ValueError(f"outside_body needs the body mask on the label map's grid {labels.shape}")
-            removed |= (labels != 0) & ~body
-            labels[~body] = 0
+            outside = ~body
+            removed |= (labels != 0) & outside
+            labels[outside] = 0
         for label in self.largest_component:
             removed |= keep_largest_component(labels, label)
         return removed
@@ -70,8 +76,7 @@ class Postprocessing:
         off; never without a CT channel, where preprocessing finds no body mask) and the classes every
         fold's validation chose (a fold without ``postprocessing.json``, trained before it existed,
         chooses none)."""
-        has_ct = any(str(n).strip().lower() == "ct" for n in (plans.get("channel_names") or {}).values())
-        outside = bool((plans.get("postprocessing") or {}).get("outside_body", False)) and has_ct
+        outside = bool((plans.get("postprocessing") or {}).get("outside_body", False)) and has_ct_channel(plans)
         chosen: set[int] | None = None
         for folder in fold_folders:
             classes = set(read_decision(Path(folder)).get("largest_component", []))
@@ -90,6 +95,6 @@ def read_decision(folder: Path) -> dict:
         if not isinstance(classes, list) or not all(isinstance(c, int) and c > 0 for c in classes):
             raise ValueError("largest_component must be a list of positive class ids")
     except (ValueError, AttributeError) as e:
-        raise DiffprobeError(f"unreadable postprocessing decision ({e})", path,
-                             "delete it (no postprocessing) or recreate it with `diffprobe train ... --c`") from None
+        raise DiffprobeError(f"unreadable postprocessing decision ({e})", path, "delete it (no postprocessing) "
+                             "or recreate it with `diffprobe train -d D -f F --val`") from None
     return decision

@@ -271,9 +271,10 @@ def validate_probe(dataset: str | int, fold: str = "0", pretrained: str = "defau
     from diffprobe.predict.validation import validate_fold
 
     folder = probe_dir(dataset, configuration or configuration_name(pretrained, head, finetune), str(parse_fold(fold)))
-    if not ProbeFolder(folder).finished:
+    probe_folder = ProbeFolder(folder)
+    if not probe_folder.finished:
         raise DiffprobeError("no finished probe to validate", folder,
                              "train it first: diffprobe train -d DATASET -f FOLD (without --val)")
     data_dir, _, _ = preprocessed_cases(dataset)
-    val_ids = read_json(folder / "probe.json")["val_cases"]
+    val_ids = probe_folder.read_meta()["val_cases"]
     return validate_fold(folder, data_dir, val_ids, resolve_device(device), show_progress)
