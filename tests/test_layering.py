@@ -13,7 +13,7 @@ PACKAGE = Path(diffprobe.__file__).parent
 # longest prefix wins; a higher number is a higher layer
 LAYERS = {
     "diffprobe": 0, "diffprobe.errors": 0, "diffprobe.utils": 0, "diffprobe.paths": 0, "diffprobe.locking": 0,
-    "diffprobe.parallel": 0, "diffprobe.devices": 0, "diffprobe.diffusion.schedule": 0,
+    "diffprobe.parallel": 0, "diffprobe.devices": 0, "diffprobe.host_allocator": 0, "diffprobe.diffusion.schedule": 0,
     "diffprobe.io": 1, "diffprobe.dataset": 2, "diffprobe.phantoms": 3, "diffprobe.preprocessing": 3,
     "diffprobe.fingerprint": 4, "diffprobe.planning": 5, "diffprobe.preprocessing.access": 6,
     "diffprobe.models": 7, "diffprobe.bpr": 7, "diffprobe.diffusion": 7, "diffprobe.training": 7,

@@ -42,6 +42,7 @@ from diffprobe.dataset.cases import Case
 from diffprobe.devices import resolve_device
 from diffprobe.errors import DiffprobeError
 from diffprobe.guidance import volume_guidance as guidance_of_volume
+from diffprobe.host_allocator import release_free_memory, tune_host_allocator
 from diffprobe.parallel import progress_bar
 from diffprobe.postprocessing.operations import Postprocessing
 from diffprobe.predict.acceleration import InferenceSettings, prepare_head, prepare_model
@@ -157,6 +158,7 @@ def _refuse_if_too_large(case: Case, need: MemoryEstimate | None) -> None:
     Being OOM-killed half-way through a long ensemble is the worst outcome on a shared node:
     no message, nothing written.
     """
+    release_free_memory()  # what the process keeps for reuse is free for this case too
     have = available_bytes()
     if need is not None and have is not None and need.total_bytes > have:
         raise DiffprobeError(
@@ -217,6 +219,7 @@ class Predictor:
                  settings: InferenceSettings | None = None, *, prepare: bool = True, postprocess: bool = True) -> None:
         if not probes:
             raise ValueError("a predictor needs at least one probe")
+        tune_host_allocator()  # also when given a torch.device (resolve_device does it otherwise)
         self.postprocessing = Postprocessing.for_model(probes[0].meta.get("plans") or {}, [p.folder for p in probes]) \
             if postprocess else Postprocessing()
         self.device = torch.device(device)
