@@ -236,7 +236,11 @@ def main() -> None:
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    report = {"cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+    from diffprobe.host_allocator import tune_host_allocator
+
+    # as every stage does when it resolves its device (DIFFPROBE_MALLOC_TUNING=0: glibc's defaults)
+    report = {"malloc_tuned": tune_host_allocator(), "cpu_count": os.cpu_count(), "threads": args.threads,
+              "torch": torch.__version__,
               "load_before": [round(x, 2) for x in os.getloadavg()], "detection": detection()}
     print(f"detection: {report['detection']}", flush=True)
     if not args.skip_forward:
