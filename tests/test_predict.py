@@ -300,3 +300,15 @@ def test_postprocessing_clears_outside_the_body_and_npp_turns_it_off(use_trained
     assert (plain[~body] != 0).any(), "the near-initial head labels air: something for the body mask to clear"
     assert not post[~body].any()
     np.testing.assert_array_equal(post[body], plain[body])  # this probe chose no largest-component removal
+
+
+def test_probability_cast_is_numpys_float16_bit_for_bit():
+    """The export's float16 cast (torch's, fast for values subnormal in float16) gives numpy's bits."""
+    from diffprobe.predict.cases import to_probability_dtype
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.random(200_000) ** 12, rng.random(1000), [0.0, 1.0, 6.1e-5, 5.96e-8, 2.98e-8,
+                                                                         2.99e-8, 1e-9, 0.5]]).astype(np.float32)
+    cast = to_probability_dtype(values.reshape(8, -1)[:, ::2])  # a strided view, as a plane may be
+    assert cast.dtype == np.float16
+    assert np.array_equal(cast.view(np.uint16), values.reshape(8, -1)[:, ::2].astype(np.float16).view(np.uint16))

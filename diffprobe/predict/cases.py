@@ -88,6 +88,14 @@ def load_case(probes: list[TrainedProbe], case: Case, timings: dict[str, float] 
     return LoadedCase(case, data, props)
 
 
+def to_probability_dtype(plane: np.ndarray) -> np.ndarray:
+    """``plane.astype(float16)`` through torch's cast: the same bits (IEEE round to nearest even, checked on
+    30 M values including random bit patterns), but numpy's cast takes ~65 ns per value that is subnormal
+    in float16 (below 6e-5: most of a class's probabilities), 10x its normal speed; it was 3.9 of the 5.1 s
+    of a whole-CT export (crlm1004, 14 classes)."""
+    return torch.from_numpy(np.ascontiguousarray(plane)).to(torch.float16).numpy()
+
+
 def probabilities_resampling(plans_resampling: dict) -> dict:
     """The plans' resampling with order 1 for images: how probabilities go back (nnU-Net's default)."""
     return {**plans_resampling, "image_order": 1}
@@ -108,7 +116,7 @@ def to_raw_grid(probabilities: torch.Tensor, props: dict, resampling: dict, keep
     for k in range(num_classes):
         plane = resample_to_cropped(probabilities[k].numpy(), props, is_seg=False, resampling=order)
         # Clip: float rounding only (order 1 never overshoots); in place, as the class plane is used once.
-        plane = np.clip(plane, 0.0, 1.0, out=plane).astype(PROBABILITY_DTYPE)
+        plane = to_probability_dtype(np.clip(plane, 0.0, 1.0, out=plane))
         if best is None:
             best, labels = plane.copy(), np.zeros(plane.shape, label_dtype(num_classes - 1))
         else:
