@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,7 @@ print(json.dumps({"faults": loop, "sums": sums}))
 def _transparent_huge_pages() -> str:
     """The kernel's THP mode (the bracketed word of .../transparent_hugepage/enabled), or "" when unknown."""
     try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:
         return ""
     return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else ""
