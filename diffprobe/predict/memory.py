@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffprobe.guidance import guidance_channels
+from diffprobe.host_allocator import release_free_memory
 
 FIXED_BYTES = 0.8e9  # interpreter, torch, nnU-Net imports, BPR + denoiser + head (tiny..paper presets)
 READ_BYTES_PER_RAW_VOXEL = 14.0  # pixels + float32 copy + canonical copy + mask + crop, + integrity re-read
@@ -157,6 +158,7 @@ def available_bytes() -> float | None:
     override = os.environ.get("DIFFPROBE_MEMORY_LIMIT_GB")
     if override:
         return float(override) * 1e9
+    release_free_memory()  # free heap this process keeps for reuse (host_allocator) is available too
     found = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

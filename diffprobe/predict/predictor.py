@@ -42,7 +42,7 @@ from diffprobe.dataset.cases import Case
 from diffprobe.devices import resolve_device
 from diffprobe.errors import DiffprobeError
 from diffprobe.guidance import volume_guidance as guidance_of_volume
-from diffprobe.host_allocator import release_free_memory, tune_host_allocator
+from diffprobe.host_allocator import tune_host_allocator
 from diffprobe.parallel import progress_bar
 from diffprobe.postprocessing.operations import Postprocessing
 from diffprobe.predict.acceleration import InferenceSettings, prepare_head, prepare_model
@@ -158,7 +158,6 @@ def _refuse_if_too_large(case: Case, need: MemoryEstimate | None) -> None:
     Being OOM-killed half-way through a long ensemble is the worst outcome on a shared node:
     no message, nothing written.
     """
-    release_free_memory()  # what the process keeps for reuse is free for this case too
     have = available_bytes()
     if need is not None and have is not None and need.total_bytes > have:
         raise DiffprobeError(
