@@ -16,25 +16,13 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
-pack="$repo/.device"
 out="${OUT:?set OUT to the folder the reports go to}"
 device="${DEVICE:-cuda}"
 suite_s="${SUITE_S:-170}"
 budget_min="${BUDGET_MIN:-3}"
 py="${PYTHON:-python3}"
 mkdir -p "$out"
-
-if [[ -f "$pack/sitk.tar.xz" ]] && ! "$py" -c "import SimpleITK, nnunetv2" 2>/dev/null; then
-    site=/tmp/site
-    mkdir -p "$site" && tar xJf "$pack/sitk.tar.xz" -C "$site" \
-        && "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-            "$pack"/whl/*.whl || { echo "installing the packed wheels failed" >&2; exit 3; }
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-[[ -d "$pack/data" ]] && export DIFFPROBE_SHARED_DATA="$pack/data"
-"$py" -c "import diffprobe.cli.app, SimpleITK, nnunetv2, torch; print('torch', torch.__version__, 'cuda',
-torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 4
+source "$here/device_env.sh"
 
 work=/tmp/diffprobe_gpu_day
 rm -rf "$work"

@@ -17,7 +17,8 @@ import torch
 
 from diffprobe.errors import DiffprobeError
 from diffprobe.predict.acceleration import InferenceSettings, autocast, memory_format
-from diffprobe.probe.features import inference_seed
+from diffprobe.predict.cuda_graphs import GraphedGroupLogits, graphs_supported
+from diffprobe.probe.features import FeatureExtractor, inference_seed
 from diffprobe.probe.model import TrainedProbe
 
 
@@ -108,7 +109,7 @@ def group_patch_predictor(group: ProbeGroup, device: torch.device, settings: Inf
         raise ValueError(f"draws must be >= 1, got {draws}")
     fmt = memory_format(settings)
 
-    def group_logits(tiles, gtiles, seeds):
+    def eager_logits(tiles, gtiles, seeds):
         with autocast(device, settings):
             if len(group.probes) == 1:
                 return group.first.model(tiles, gtiles, seeds).float()
@@ -119,6 +120,11 @@ def group_patch_predictor(group: ProbeGroup, device: torch.device, settings: Inf
                 out = probe.model.head(feats, shape).float()
                 total = out if total is None else total.add_(out)
         return total.div_(len(group.probes))
+
+    group_logits = eager_logits
+    if settings.cuda_graphs and graphs_supported(device) and isinstance(group.extractor, FeatureExtractor):
+        group_logits = GraphedGroupLogits(group.extractor, [p.model.head for p in group.probes], device,
+                                          settings.dtype(device), settings.tile_batch, eager_logits)
 
     def predict_patch(tiles, gtiles, starts):
         tiles = tiles.contiguous(memory_format=fmt)

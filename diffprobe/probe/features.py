@@ -135,16 +135,23 @@ class FeatureExtractor(nn.Module):
         x0_rep = x0.repeat_interleave(tn, dim=0)
         return self.diffusion.q_sample(x0_rep, t, noise), t
 
+    def features_of_noisy(self, xt: Tensor, t: Tensor, guidance: Tensor | None) -> dict[str, Tensor]:
+        """The batched extraction from ``noisy_inputs``' result onwards: device work only, no host
+        tensors and no synchronisation, so that ``predict`` can replay it as one CUDA graph
+        (``predict.cuda_graphs``). ``guidance`` is per patch (B, G, ...); ``xt`` patch-major (B*T, ...)."""
+        tn = len(self.timesteps)
+        b = xt.shape[0] // tn
+        g = guidance.repeat_interleave(tn, dim=0) if guidance is not None else None
+        _, feats = self.denoiser(xt, t, g, return_features=True, max_level=self.levels[0], return_output=False)
+        return {k: _merge_timesteps(feats[k], b, tn) for k in self.feature_channels}
+
     def forward(self, x0: Tensor, guidance: Tensor | None, seeds: Sequence[int],
                 batched: bool = True) -> dict[str, Tensor]:
         b, tn = x0.shape[0], len(self.timesteps)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             xt, t = self.noisy_inputs(x0, seeds)
             if batched:
-                g = guidance.repeat_interleave(tn, dim=0) if guidance is not None else None
-                _, feats = self.denoiser(xt, t, g, return_features=True, max_level=self.levels[0],
-                                         return_output=False)
-                return {k: _merge_timesteps(feats[k], b, tn) for k in self.feature_channels}
+                return self.features_of_noisy(xt, t, guidance)
             per_t: dict[str, list[Tensor]] = {k: [] for k in self.feature_channels}
             xt = xt.view(b, tn, *xt.shape[1:])
             for j in range(tn):
