@@ -72,33 +72,36 @@ def window_section(args: argparse.Namespace, setup: dict) -> dict:
     patch = tuple(setup["patch_size"])
     out: dict[str, Any] = {"patch_size": list(patch), "rows": []}
     reference: dict[int, torch.Tensor] = {}
-    for tb in args.tile_batches:
-        for graphs in ([False, True] if cuda else [False]):
-            g = torch.Generator().manual_seed(tb)  # the same tiles eager and graphed
-            settings = InferenceSettings(tile_batch=tb, cuda_graphs=graphs)
-            predictor = Predictor.from_folders([Path(setup["probe_folder"])], device, settings)
-            group = predictor.groups[0]
-            fn = group_patch_predictor(group, device, settings)
-            fmt = memory_format(settings)
-            tiles = torch.randn((tb, 1, *patch), generator=g).to(device).contiguous(memory_format=fmt)
-            gtiles = torch.randn((tb, 3, *patch), generator=g).to(device).contiguous(memory_format=fmt)
-            row, logits, first_s = time_tiles(args, fn, group, tiles, gtiles, graphs, reference)
-            out["rows"].append(row)
-            print(f"  tile batch {tb:2d} graphs {graphs!s:5}: {row['ms_per_tile']:8.2f} ms/tile "
-                  f"(first call {first_s:.2f} s)" + (f", max|diff| vs eager {row['max_abs_diff_vs_eager']:.2e}, "
-                                                     f"argmax {row['argmax_agreement_vs_eager']:.4%}" if graphs else
-                                                     f", host noise {row['noise_host_ms_per_batch']} ms/batch"),
-                  flush=True)
-            del predictor, group, fn, logits
-            if cuda:
-                torch.cuda.empty_cache()
+    configs = args.window_configs if cuda else [(2, False, "auto", False), (4, False, "auto", False)]
+    for tb, graphs, gn, profile in configs:
+        os.environ["DIFFPROBE_GROUP_NORM"] = gn
+        g = torch.Generator().manual_seed(tb)  # the same tiles in every row of a tile batch
+        settings = InferenceSettings(tile_batch=tb, cuda_graphs=graphs)
+        predictor = Predictor.from_folders([Path(setup["probe_folder"])], device, settings)
+        group = predictor.groups[0]
+        fn = group_patch_predictor(group, device, settings)
+        fmt = memory_format(settings)
+        tiles = torch.randn((tb, 1, *patch), generator=g).to(device).contiguous(memory_format=fmt)
+        gtiles = torch.randn((tb, 3, *patch), generator=g).to(device).contiguous(memory_format=fmt)
+        row, logits, first_s = time_tiles(args, fn, group, tiles, gtiles, graphs, reference, profile and cuda)
+        row["group_norm"] = gn
+        out["rows"].append(row)
+        vs = row.get("reference")
+        print(f"  tile batch {tb:2d} graphs {graphs!s:5} group norm {gn:6}: {row['ms_per_tile']:8.2f} ms/tile "
+              f"(first call {first_s:.2f} s, host noise {row['noise_host_ms_per_batch']} ms/batch)"
+              + (f", vs {vs}: max|diff| {row['max_abs_diff']:.2e}, argmax {row['argmax_agreement']:.4%}" if vs else ""),
+              flush=True)
+        del predictor, group, fn, logits
+        if cuda:
+            torch.cuda.empty_cache()
+        write(args)
+    os.environ["DIFFPROBE_GROUP_NORM"] = "auto"
     return out
 
 
-def time_tiles(args: argparse.Namespace, fn, group, tiles, gtiles, graphs: bool, reference: dict):
-    """One (tile batch, graphs) row of the window section: timing, agreement with eager, profile."""
+def time_tiles(args: argparse.Namespace, fn, group, tiles, gtiles, graphs: bool, reference: dict, profile: bool):
+    """One row of the window section: timing, agreement with the tile batch's first row, profile."""
     tb = tiles.shape[0]
-    cuda = args.device.startswith("cuda")
     starts = [(0, 0, 16 * i) for i in range(tb)]
 
     def call():
@@ -111,19 +114,20 @@ def time_tiles(args: argparse.Namespace, fn, group, tiles, gtiles, graphs: bool,
     sec = timed(call, args.device, args.repeats)
     row = {"tile_batch": tb, "cuda_graphs": graphs, "ms_per_batch": round(sec * 1e3, 2),
            "ms_per_tile": round(sec * 1e3 / tb, 2), "first_call_s": round(first_s, 2)}
+    if tb in reference:
+        ref, row["reference"] = reference[tb]
+        row["max_abs_diff"] = float((logits.detach().float() - ref.float()).abs().max())
+        row["argmax_agreement"] = float((logits.argmax(1) == ref.argmax(1)).float().mean())
+    else:
+        reference[tb] = (logits, f"graphs {graphs}, group norm {os.environ.get('DIFFPROBE_GROUP_NORM')}")
     if graphs:
-        ref = reference[tb]
-        row["max_abs_diff_vs_eager"] = float((logits.float() - ref.float()).abs().max())
-        row["argmax_agreement_vs_eager"] = float((logits.argmax(1) == ref.argmax(1)).float().mean())
         state = _graph_state(fn)
         row["graph_failed"] = state.failed if state is not None else "no graph in the predictor"
         row["graphs_captured"] = len(state.graphs) if state is not None else 0
-    else:
-        reference[tb] = logits
-        seeds = list(range(tb))
-        row["noise_host_ms_per_batch"] = round(timed(lambda: group.extractor.noisy_inputs(tiles, seeds),
-                                                     args.device, 3) * 1e3, 2)
-    if tb == args.tile_batches[0] and cuda:
+    seeds = list(range(tb))
+    row["noise_host_ms_per_batch"] = round(timed(lambda: group.extractor.noisy_inputs(tiles, seeds),
+                                                 args.device, 3) * 1e3, 2)
+    if profile:
         row["profile"] = profile_step(call, args.device, steps=3)
         print(f"  tile batch {tb}, graphs {graphs}:", flush=True)
         print_profile(row["profile"])
@@ -197,34 +201,35 @@ def train_section(args: argparse.Namespace, peak: float | None) -> dict:
     out: dict[str, Any] = {"patch_size": plans.patch_size, "planned_batch": plans.batch_size,
                            "flops_per_patch": flops_per_patch, "rows": []}
     cuda = args.device.startswith("cuda")
-    for batch in args.train_batches:
-        for graphed in ([False, True] if cuda else [False]):
-            row: dict[str, Any] = {"batch": batch, "cuda_graph": graphed}
-            try:
-                t0 = time.perf_counter()
-                step = train_step(plans, args.device, batch, graphed)
-                sync(args.device)
-                row["setup_s"] = round(time.perf_counter() - t0, 2)
-                sec = timed(step, args.device, args.steps)
-                if batch == args.train_batches[0] and not graphed and cuda:
-                    row["profile"] = profile_step(step, args.device, steps=3)
-                    print_profile(row["profile"])
-            except Exception as e:  # noqa: BLE001 - e.g. a capture refused: the other rows still count
-                row["error"] = f"{type(e).__name__}: {e}"[:500]
-                print(f"  batch {batch} graph {graphed}: FAILED {row['error']}", flush=True)
-                out["rows"].append(row)
-                continue
-            tflops = flops_per_patch * batch / sec / 1e12
-            row.update({"ms_per_step": round(sec * 1e3, 2), "patches_per_s": round(batch / sec, 2),
-                        "tflops": round(tflops, 2), "of_peak": round(tflops * 1e12 / peak, 4) if peak else None})
-            out["rows"].append(row)
-            print(f"  batch {batch} graph {graphed!s:5}: {row['ms_per_step']:8.1f} ms/step {row['patches_per_s']:7.2f} "
-                  f"patches/s {tflops:7.2f} TFLOP/s" + (f" ({tflops * 1e12 / peak:.1%} of peak)" if peak else ""),
-                  flush=True)
-            del step
-            if cuda:
-                torch.cuda.empty_cache()
-            write(args)
+    configs = args.train_configs if cuda else [(1, False, "auto", False), (2, False, "auto", False)]
+    for batch, graphed, gn, profile in configs:
+        os.environ["DIFFPROBE_GROUP_NORM"] = gn
+        row: dict[str, Any] = {"batch": batch, "cuda_graph": graphed, "group_norm": gn}
+        out["rows"].append(row)
+        try:
+            t0 = time.perf_counter()
+            step = train_step(plans, args.device, batch, graphed)
+            sync(args.device)
+            row["setup_s"] = round(time.perf_counter() - t0, 2)
+            sec = timed(step, args.device, args.steps)
+            if profile and cuda:
+                row["profile"] = profile_step(step, args.device, steps=3)
+                print_profile(row["profile"])
+        except Exception as e:  # noqa: BLE001 - e.g. a capture refused: the other rows still count
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+            print(f"  batch {batch} graph {graphed} group norm {gn}: FAILED {row['error']}", flush=True)
+            continue
+        tflops = flops_per_patch * batch / sec / 1e12
+        row.update({"ms_per_step": round(sec * 1e3, 2), "patches_per_s": round(batch / sec, 2),
+                    "tflops": round(tflops, 2), "of_peak": round(tflops * 1e12 / peak, 4) if peak else None})
+        print(f"  batch {batch} graph {graphed!s:5} group norm {gn:6}: {row['ms_per_step']:8.1f} ms/step "
+              f"{row['patches_per_s']:7.2f} patches/s {tflops:7.2f} TFLOP/s"
+              + (f" ({tflops * 1e12 / peak:.1%} of peak)" if peak else ""), flush=True)
+        del step
+        if cuda:
+            torch.cuda.empty_cache()
+        write(args)
+    os.environ["DIFFPROBE_GROUP_NORM"] = "auto"
     return out
 
 
@@ -235,12 +240,13 @@ def predict_section(args: argparse.Namespace, setup: dict) -> dict:
     from diffprobe.predict.acceleration import InferenceSettings
 
     out: dict[str, Any] = {"rows": []}
-    configs = [(tb, True) for tb in args.predict_tile_batches] + ([(2, False)] if args.eager_predict else [])
+    configs = args.predict_configs if args.device.startswith("cuda") else [(2, True, "auto")]
     original = predictor_module.Predictor.from_folders
-    for tb, graphs in configs:
+    for tb, graphs, gn in configs:
         if time.perf_counter() - STARTED[0] > args.budget_s:
-            out["rows"].append({"tile_batch": tb, "cuda_graphs": graphs, "skipped": "budget"})
+            out["rows"].append({"tile_batch": tb, "cuda_graphs": graphs, "group_norm": gn, "skipped": "budget"})
             continue
+        os.environ["DIFFPROBE_GROUP_NORM"] = gn
         settings = InferenceSettings(tile_batch=tb, cuda_graphs=graphs)
 
         def from_folders(folders, device="auto", settings_=None, postprocess=True, _s=settings):
@@ -251,10 +257,11 @@ def predict_section(args: argparse.Namespace, setup: dict) -> dict:
             row = section_predict(args, setup)
         finally:
             predictor_module.Predictor.from_folders = original
-        row.update({"tile_batch": tb, "cuda_graphs": graphs})
+        row.update({"tile_batch": tb, "cuda_graphs": graphs, "group_norm": gn})
         out["rows"].append(row)
-        print(f"  tile batch {tb} graphs {graphs}: best {row['best_s']:.1f} s", flush=True)
+        print(f"  tile batch {tb} graphs {graphs} group norm {gn}: best {row['best_s']:.1f} s", flush=True)
         write(args)
+    os.environ["DIFFPROBE_GROUP_NORM"] = "auto"
     return out
 
 
@@ -274,9 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     args.setup_steps = 1 if dry else 2
     args.steps = 1 if dry else 10
     args.repeats = 1 if dry else 10
-    args.tile_batches = [2, 4] if dry else [2, 8]
-    args.train_batches = [1, 2] if dry else [1, 4]
-    args.predict_tile_batches = [2] if dry else [2, 8]
+    # (tile batch, CUDA graphs, DIFFPROBE_GROUP_NORM, profile): the first row of a tile batch is the one
+    # the others are compared with
+    args.window_configs = [(2, False, "native", False), (2, False, "auto", True), (2, True, "auto", True),
+                           (8, False, "auto", False), (8, True, "auto", False)]
+    args.train_configs = [(1, False, "native", False), (1, False, "auto", True), (1, True, "auto", False),
+                          (4, False, "native", False), (4, False, "auto", False)]  # (batch, graph, norm, profile)
+    args.predict_configs = [(2, True, "auto"), (8, True, "auto"), (8, True, "native")]
     args.volume = [24, 64, 64] if dry else [300, 512, 512]
     args.predict_repeats = 1
     args.workdir = args.workdir.resolve()

@@ -16,3 +16,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit -
 if [[ "${DEVICE:-cuda}" == cpu ]]; then args=(--device cpu --dry-run); else args=(); fi
 cd "$here" && timeout --kill-after=10 "${GRAPHS_TIMEOUT:-420}" "$py" gpu_graphs.py "${args[@]}" \
     --workdir /tmp/diffprobe_gpu_graphs --json "$out/gpu_graphs.json" "$@" 2>&1 | tee "$out/gpu_graphs.log"
+# SUITE_S=200: then the GPU suite's agreement, peak, pretrain and predict sections (CPU vs CUDA with the
+# CUDA-only paths of this change in place; compile, profile and ddp skipped)
+if [[ -n "${SUITE_S:-}" ]]; then
+    GPU_SUITE_TIMEOUT=$((SUITE_S + 30)) PYTHON="$py" "$here/gpu_suite.sh" --budget-s "$SUITE_S" \
+        --skip ddp compile profile --workdir /tmp/diffprobe_gpu_suite --json "$out/gpu_suite.json" 2>&1 \
+        | tee "$out/gpu_suite.log"
+fi

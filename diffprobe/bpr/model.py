@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffprobe.models.group_norm import GroupNorm
 from diffprobe.models.tiling import separable_gaussian, tile_average, window_starts
 
 DEFAULT_STRIDES = [[1, 2, 2], [2, 2, 2], [2, 2, 2]]
@@ -65,7 +66,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm3d(channels)
     if kind == "group":
-        return nn.GroupNorm(_groups(channels), channels)
+        return GroupNorm(_groups(channels), channels)
     return nn.Identity()
 
 

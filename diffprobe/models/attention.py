@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffprobe.models.group_norm import GroupNorm
+
 ATTENTION_KINDS = ("linear", "softmax")
 
 
@@ -73,7 +75,7 @@ class Attention3d(nn.Module):
         self.channels = channels
         self.heads = num_heads_for(channels, num_heads)
         self.head_dim = channels // self.heads
-        self.norm = nn.GroupNorm(num_groups(channels, groups), channels)
+        self.norm = GroupNorm(num_groups(channels, groups), channels)
         self.qkv = nn.Conv3d(channels, 3 * channels, kernel_size=1)
         self.proj = nn.Conv3d(channels, channels, kernel_size=1)
 

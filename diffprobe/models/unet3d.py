@@ -42,6 +42,7 @@ from diffprobe.models.attention import (
     num_groups,
     pointwise,
 )
+from diffprobe.models.group_norm import GroupNorm
 
 ATTENTION_MODES = ("planned", "none", *ATTENTION_KINDS)
 # Kernel sizes (first conv, second conv) of the residual block that replaces each attention block
@@ -102,10 +103,10 @@ class ResBlock3d(nn.Module):
                  kernel_size: tuple[int, int] | int = 3) -> None:
         super().__init__()
         k1, k2 = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-        self.norm1 = nn.GroupNorm(num_groups(in_channels, groups), in_channels)
+        self.norm1 = GroupNorm(num_groups(in_channels, groups), in_channels)
         self.conv1 = Conv3d(in_channels, out_channels, k1, padding=k1 // 2)
         self.emb = nn.Linear(emb_dim, 2 * out_channels)
-        self.norm2 = nn.GroupNorm(num_groups(out_channels, groups), out_channels)
+        self.norm2 = GroupNorm(num_groups(out_channels, groups), out_channels)
         self.conv2 = Conv3d(out_channels, out_channels, k2, padding=k2 // 2)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
@@ -231,7 +232,7 @@ class DiffusionUNet(nn.Module):
                 st = self.strides[i + 1]
                 self.up.append(nn.ConvTranspose3d(self.channels[i + 1], self.channels[i], kernel_size=st, stride=st))
                 self.decoder.append(stage(2 * self.channels[i], i))
-        self.out_norm = nn.GroupNorm(num_groups(c0, groups), c0)
+        self.out_norm = GroupNorm(num_groups(c0, groups), c0)
         self.out_conv = Conv3d(c0, in_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)

@@ -92,6 +92,8 @@ def _ensemble_logits(groups: list[ProbeGroup], data: np.ndarray, spacing: list[f
     """
     draws = tta_draws(tta)
     volume = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    if device.type == "cuda":  # once, not a host-to-device copy (and a host wait) per tile batch
+        volume = volume.to(device)
     num_probes = sum(len(g.probes) for g in groups)
     total = None
     guidance_cache: dict[str, torch.Tensor | None] = {}

@@ -14,9 +14,12 @@ on the pixels only, never on the file's name, folder or the order of the cases.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -53,11 +56,34 @@ def inference_seed(start: Sequence[int], draw: int = 0) -> int:
 
 def patch_noise(shape: Sequence[int], seed: int, timesteps: Sequence[int]) -> Tensor:
     """(T, *shape) standard normal noise, one draw per (seed, timestep), generated on the CPU."""
-    out = []
-    for t in timesteps:
-        g = torch.Generator().manual_seed(seed * 1009 + int(t))
-        out.append(torch.randn(tuple(shape), generator=g))
-    return torch.stack(out)
+    return batch_noise(shape, [seed], timesteps)
+
+
+def _fill_normal(out: Tensor, seed: int) -> None:
+    torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), out=out)
+
+
+@functools.lru_cache(maxsize=1)
+def _noise_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1)), thread_name_prefix="noise")
+
+
+def batch_noise(shape: Sequence[int], seeds: Sequence[int], timesteps: Sequence[int], pinned: bool = False,
+                threads: bool = False) -> Tensor:
+    """(B*T, *shape) CPU noise, patch-major: row ``b*T + j`` is the draw of (``seeds[b]``, ``timesteps[j]``).
+
+    Each row has its own generator, so the rows can be drawn in parallel (``threads``: a small pool,
+    for a GPU host, where one thread drew a paper-class tile batch's noise in 15-85 ms while the GPU
+    waited) and are the same bits however they are drawn. ``pinned``: page-locked, so the copy to a
+    GPU can be asynchronous."""
+    jobs = [int(s) * 1009 + int(t) for s in seeds for t in timesteps]
+    out = torch.empty((len(jobs), *(int(v) for v in shape)), pin_memory=pinned)
+    if threads and len(jobs) > 1:
+        list(_noise_pool().map(_fill_normal, out.unbind(0), jobs))
+    else:
+        for row, seed in zip(out.unbind(0), jobs):
+            _fill_normal(row, seed)
+    return out
 
 
 class FeatureExtractor(nn.Module):
@@ -129,8 +155,9 @@ class FeatureExtractor(nn.Module):
         b, tn = x0.shape[0], len(self.timesteps)
         if len(seeds) != b:
             raise ValueError(f"one seed per patch needed: {b} patches, {len(seeds)} seeds")
-        noise = torch.cat([patch_noise(x0.shape[1:], int(s), self.timesteps) for s in seeds])
-        noise = noise.to(device=x0.device, dtype=x0.dtype)
+        cuda = x0.is_cuda
+        noise = batch_noise(x0.shape[1:], seeds, self.timesteps, pinned=cuda, threads=cuda)
+        noise = noise.to(device=x0.device, dtype=x0.dtype, non_blocking=cuda)
         t = torch.tensor(self.timesteps, device=x0.device).repeat(b)
         x0_rep = x0.repeat_interleave(tn, dim=0)
         return self.diffusion.q_sample(x0_rep, t, noise), t
