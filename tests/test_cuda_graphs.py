@@ -42,7 +42,7 @@ def _graphed_predictor(monkeypatch, probes, tile_batch: int, fail: bool = False)
 
     monkeypatch.setattr(cuda_graphs, "GraphedForward", graphed_forward)
     monkeypatch.setattr(ensemble, "graphs_supported", lambda device: True)
-    settings = InferenceSettings(channels_last=False, tile_batch=tile_batch)
+    settings = InferenceSettings(channels_last=False, tile_batch=tile_batch, cuda_graphs=True)
     return Predictor(probes, "cpu", settings), made
 
 

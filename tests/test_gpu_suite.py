@@ -48,3 +48,24 @@ def test_dry_run_covers_every_section(tmp_path: Path) -> None:
         assert any("conv" in r["name"] for r in prof["top_cpu"]) and "device_busy_share" not in prof
     assert sections["ddp"]["world_size"] == 2 and sections["ddp"]["patches_per_s"] > 0
     assert "| measure | value | goal |" in done.stdout
+
+
+@pytest.mark.slow
+def test_gpu_graphs_dry_run_writes_every_section(tmp_path: Path) -> None:
+    """benchmarks/gpu_graphs.py (GPU day 2's measurements) through its CPU dry run: every section runs,
+    the tile function's timings and the training rows are in the report."""
+    script = SUITE.with_name("gpu_graphs.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFPROBE_", "nnUNet_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(SUITE.parents[1]))
+    report_path = tmp_path / "graphs.json"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--dry-run", "--workdir",
+                           str(tmp_path / "work"), "--json", str(report_path)],
+                          cwd=SUITE.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    sections = json.loads(report_path.read_text())["sections"]
+    assert set(sections) == {"setup", "window", "train", "predict"}
+    assert [r["tile_batch"] for r in sections["window"]["rows"]] == [2, 4]
+    assert all(r["ms_per_tile"] > 0 and r["noise_host_ms_per_batch"] > 0 for r in sections["window"]["rows"])
+    assert [r["batch"] for r in sections["train"]["rows"]] == [1, 2]
+    assert all(r["patches_per_s"] > 0 for r in sections["train"]["rows"])
+    assert sections["predict"]["rows"][0]["best_s"] > 0

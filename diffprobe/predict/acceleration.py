@@ -20,7 +20,8 @@ Measured effects are in docs/performance.md (``benchmarks/bench_predict_phases.p
   2 tiles x 3 timesteps is a forward of 6 samples).
 * ``cuda_graphs``: on CUDA, the denoiser and heads of a full tile batch are captured once as a
   CUDA graph and replayed (``predict.cuda_graphs``): one launch instead of thousands of small ones.
-  No effect on a CPU.
+  Same logits bit for bit; off by default, since the paper-class window on an H200 is bound by its
+  kernels, not their launches (30.4 vs 30.2 ms per tile). No effect on a CPU.
 * ``share_features``: fold heads on the same frozen denoiser (same pretrained model and checksum,
   timesteps, levels, patch size; not finetuned) share one feature extraction per tile, and their
   logits are averaged per tile (Gaussian weighting is linear, so this equals averaging the folds'
@@ -109,7 +110,9 @@ class InferenceSettings:
     tile_batch: int = 2
     pipeline: bool = True  # overlap reading the next case and writing the last with the current window
     share_features: bool = True  # fold heads on one frozen denoiser: one feature extraction per tile
-    cuda_graphs: bool = True  # CUDA: replay each full tile batch's forward as one graph (predict.cuda_graphs)
+    # CUDA: replay each full tile batch's forward as one graph (predict.cuda_graphs). Off: at the paper class
+    # on an H200 the GPU was already 95 % busy and graphs gained nothing (docs/performance.md, "GPU day 2")
+    cuda_graphs: bool = False
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
