@@ -1,7 +1,7 @@
 """GroupNorm for large 3D maps on CUDA: statistics as ordinary reductions, no layout copies.
 
-Why: the first GPU profile (H200, paper class, docs/performance.md "Launch overhead or slow kernels")
-found GroupNorm the largest cost of both the training step and predict's tile forward. PyTorch's CUDA
+Why: the GPU profile of 2026-11-30 (H200, paper class, docs/performance.md "GPU day 2") found
+GroupNorm the largest cost of both the training step and predict's tile forward. PyTorch's CUDA
 kernel computes a group's moments with one thread block per (sample, group) row: a 32 x 128 x 128
 map with 8 groups and a batch of 6 is 48 rows of 2 M values for 132 multiprocessors, at 0.5 ms per
 call (~6x the time its memory traffic needs). It also needs a contiguous (channels-first) input, so
@@ -10,9 +10,12 @@ float32 (a cast copy in, float32 out).
 
 :func:`group_norm` computes the same normalisation from two float32-accumulated reductions (sum and
 sum of squares, reduced across the whole grid by PyTorch's split reductions), then one fused
-``addcmul`` that writes the input's dtype in the input's memory layout. On the CPU, and for maps
-that are not 5-D, :class:`GroupNorm` is exactly ``nn.GroupNorm`` (same kernels, same bits): CPU
-results do not change. ``DIFFPROBE_GROUP_NORM=native`` turns the CUDA path off.
+``addcmul`` that writes the input's dtype in the input's memory layout: the tile forward took 0.54x
+the time. :class:`GroupNorm` uses it on CUDA in inference only. Under autograd its backward is ~20
+small kernels per norm, and the eager training step got slower (112 -> 179 ms), so training keeps the
+native op. On the CPU, and for maps that are not 5-D, the module is exactly ``nn.GroupNorm`` (same
+kernels, same bits). CPU results do not change, and the native CPU kernel is 4-5x faster than this
+path there (channels_last fp32, 2 threads). ``DIFFPROBE_GROUP_NORM=native`` turns the CUDA path off.
 
 Numerics: the variance is ``E[x^2] - E[x]^2`` in float32, clamped at 0. With activations whose
 |mean| is not orders of magnitude above their spread this matches the native Welford result to
