@@ -33,8 +33,19 @@ class GaussianDiffusion:
         return cls(d["schedule"], d["num_timesteps"], d["beta_start"], d["beta_end"])
 
     def _gather(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        out = values.to(like.device)[t].to(like.dtype)
+        out = self._on(values, like.device)[t].to(like.dtype)
         return out.view(-1, *([1] * (like.ndim - 1)))
+
+    def _on(self, values: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``values`` (a schedule tensor) on ``device``, copied once per device: on a GPU every copy from
+        host memory made the host wait for the queued kernels (twice per predict tile batch)."""
+        if values.device == device:
+            return values
+        cache = self.__dict__.setdefault("_device_copies", {})
+        key = (id(values), str(device))
+        if key not in cache:
+            cache[key] = values.to(device)
+        return cache[key]
 
     def noise_std(self, t: torch.Tensor | int) -> torch.Tensor:
         return torch.sqrt(1.0 - self.alphas_cumprod[t])

@@ -150,6 +150,14 @@ class FeatureExtractor(nn.Module):
             self.denoiser.eval()
         return self
 
+    def _timesteps_on(self, device: torch.device) -> Tensor:
+        """The feature timesteps as a tensor on ``device``, made once per device (a host copy per tile batch
+        made the host wait for the GPU)."""
+        cache = self.__dict__.setdefault("_timestep_tensors", {})
+        if str(device) not in cache:
+            cache[str(device)] = torch.tensor(self.timesteps, device=device)
+        return cache[str(device)]
+
     def noisy_inputs(self, x0: Tensor, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
         """x_t for every (patch, timestep), patch-major: row ``b * T + j`` is patch b at timestep j."""
         b, tn = x0.shape[0], len(self.timesteps)
@@ -158,7 +166,7 @@ class FeatureExtractor(nn.Module):
         cuda = x0.is_cuda
         noise = batch_noise(x0.shape[1:], seeds, self.timesteps, pinned=cuda, threads=cuda)
         noise = noise.to(device=x0.device, dtype=x0.dtype, non_blocking=cuda)
-        t = torch.tensor(self.timesteps, device=x0.device).repeat(b)
+        t = self._timesteps_on(x0.device).repeat(b)
         x0_rep = x0.repeat_interleave(tn, dim=0)
         return self.diffusion.q_sample(x0_rep, t, noise), t
 
