@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffprobe.models.group_norm import GroupNorm
+from diffprobe.models.group_norm import GroupNorm, is_channels_last  # noqa: F401 - re-exported
 
 ATTENTION_KINDS = ("linear", "softmax")
 
@@ -45,11 +45,6 @@ def add_residual(h: Tensor, residual: Tensor) -> Tensor:
     """``residual + h``, into ``h`` where that gives the same result (same dtype: under autocast a
     bfloat16 ``h`` must not pull a float32 residual stream down to its precision)."""
     return h.add_(residual) if h.dtype == residual.dtype and h.shape == residual.shape else residual + h
-
-
-def is_channels_last(x: Tensor) -> bool:
-    """A 5-D map stored channels_last_3d (and not also plain contiguous, as 1-channel or 1-voxel maps are)."""
-    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
 
 
 def pointwise(conv: nn.Conv3d, x: Tensor) -> Tensor:

@@ -38,8 +38,9 @@ def mode() -> str:
     return value if value in MODES else "auto"
 
 
-def _is_channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+def is_channels_last(x: Tensor) -> bool:
+    """A 5-D map stored channels_last_3d (and not also plain contiguous, as 1-channel or 1-voxel maps are)."""
+    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
 
 
 def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -49,7 +50,7 @@ def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | Non
     policy for reductions would first copy a bf16 map to float32)."""
     b, c = x.shape[:2]
     cg = c // groups
-    if _is_channels_last(x):
+    if is_channels_last(x):
         v = x.permute(0, 2, 3, 4, 1).reshape(b, -1, groups, cg)  # a view: (B, voxels, G, C/G)
         dims, param_shape = (1, 3), (1, 1, groups, cg)
     else:
