@@ -12,8 +12,12 @@ outside the graph because they copy host tensors to the device, which a capture 
 
 Only full tile batches are replayed (one graph per input shape, normally one per run); a smaller
 last batch runs eagerly. The kernels are the ones the eager forward launches, so the logits are the
-same; ``benchmarks/gpu_graphs.py`` measures the agreement and the speed. A capture that fails (an
-operator that cannot be captured, a driver without graph support) is reported once and predict
+same; ``benchmarks/gpu_graphs.py`` measures the agreement and the speed. Measured (H200, paper class,
+docs/performance.md "GPU day 2"): logits bit-identical, and no faster (30.4 vs 30.2 ms per tile), since
+that window is bound by its kernels. Hence ``InferenceSettings.cuda_graphs`` is off by default; networks
+small enough to be launch-bound (the `tiny` and `cpu` classes on a GPU) are where it may pay, unmeasured.
+
+A capture that fails (an operator that cannot be captured, a driver without graph support) is reported once and predict
 carries on eagerly. Autocast runs with its weight-cast cache off inside the graph: a cached cast is
 freed when the autocast context ends, which a replayed graph would still read.
 """
