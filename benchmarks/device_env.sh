@@ -1,7 +1,14 @@
-# Sourced by the device scripts (gpu_day.sh, gpu_graphs_day.sh): puts the packed wheels of
-# benchmarks/pack_for_device.py (.device/) and this checkout on PYTHONPATH, and the packed real CTs on
-# DIFFPROBE_SHARED_DATA. Where SimpleITK and nnunetv2 are importable already (a CPU check here),
-# nothing is installed. Needs: py (python executable), repo (checkout root).
+# Sourced by the device scripts (gpu_day.sh, gpu_graphs_day.sh), first thing: the shared set-up.
+# Sets repo (this checkout), out (the report folder: $OUT, made), py ($PYTHON, default python3); puts the
+# packed wheels of benchmarks/pack_for_device.py (.device/) and this checkout on PYTHONPATH, and the
+# packed real CTs on DIFFPROBE_SHARED_DATA. Where SimpleITK and nnunetv2 are importable already (a CPU
+# check here), nothing is installed.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${OUT:?set OUT to the folder the reports go to}"
+py="${PYTHON:-python3}"
+mkdir -p "$out"
 pack="$repo/.device"
 if [[ -f "$pack/sitk.tar.xz" ]] && ! "$py" -c "import SimpleITK, nnunetv2" 2>/dev/null; then
     site=/tmp/site

@@ -12,17 +12,11 @@
 #
 # What 2026-11-29's first GPU day ran by hand, as one script: docs/performance.md ("GPU day") and
 # docs/results.md ("A GPU day").
-set -uo pipefail
-export PYTHONUNBUFFERED=1
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(dirname "$here")"
-out="${OUT:?set OUT to the folder the reports go to}"
+source "$here/device_env.sh"
 device="${DEVICE:-cuda}"
 suite_s="${SUITE_S:-170}"
 budget_min="${BUDGET_MIN:-3}"
-py="${PYTHON:-python3}"
-mkdir -p "$out"
-source "$here/device_env.sh"
 
 work=/tmp/diffprobe_gpu_day
 rm -rf "$work"

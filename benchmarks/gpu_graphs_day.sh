@@ -3,13 +3,7 @@
 #   here, once:   python benchmarks/pack_for_device.py
 #   there:        OUT=$OUT benchmarks/gpu_graphs_day.sh          (device tool, carry [".device"])
 #   CPU check:    DEVICE=cpu OUT=/tmp/gg_day benchmarks/gpu_graphs_day.sh
-set -uo pipefail
-export PYTHONUNBUFFERED=1
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(dirname "$here")"
-out="${OUT:?set OUT to the folder the reports go to}"
-py="${PYTHON:-python3}"
-mkdir -p "$out"
 source "$here/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null \
     | tee "$out/nvidia_smi.csv"

@@ -74,11 +74,11 @@ def test_features_refuses_bad_level(use_trained_probe_roots, tmp_path, capfd):
 def test_batch_noise_is_the_same_bits_drawn_in_threads_or_one_by_one():
     """The GPU path draws each (tile, timestep) row in a thread pool into page-locked memory; the rows are
     the draws of their own generators, so the noise (and the features) equal the sequential draw's."""
-    from diffprobe.probe.features import batch_noise, patch_noise
+    from diffprobe.probe.features import batch_noise
 
     shape, seeds, ts = (5, 12, 10), [3, 77, 123456], [10, 30, 60]
     one_by_one = torch.cat([torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s * 1009 + t))
                                          for t in ts]) for s in seeds])
     assert torch.equal(batch_noise(shape, seeds, ts), one_by_one)
     assert torch.equal(batch_noise(shape, seeds, ts, threads=True), one_by_one)
-    assert torch.equal(patch_noise(shape, 77, ts), one_by_one[3:6])
+    assert torch.equal(batch_noise(shape, [77], ts), one_by_one[3:6])

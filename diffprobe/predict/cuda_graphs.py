@@ -7,7 +7,7 @@ from Python. A CUDA graph records the whole forward once and replays it with one
 
 What is replayed is :meth:`FeatureExtractor.features_of_noisy` plus the group's heads: pure device
 work on static input buffers. The tile noise is still drawn on the CPU from the tile's seed
-(``features.patch_noise``, the same bits as without graphs) and ``q_sample`` runs eagerly; both sit
+(``features.batch_noise``, the same bits as without graphs) and ``q_sample`` runs eagerly; both sit
 outside the graph because they copy host tensors to the device, which a capture forbids.
 
 Only full tile batches are replayed (one graph per input shape, normally one per run); a smaller
@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from diffprobe.probe.head import mean_logits
 
 log = logging.getLogger(__name__)
 WARMUP_CALLS = 2  # eager calls on a side stream before a capture (cuDNN/cuBLAS workspaces, lazy init)
@@ -114,13 +116,7 @@ class GraphedGroupLogits:
         """The captured body: features from the noisy inputs, every head, their mean (float32)."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
                             cache_enabled=False):
-            feats = self.extractor.features_of_noisy(xt, t, gtiles)
-            shape = tuple(xt.shape[2:])
-            total = None
-            for head in self.heads:
-                out = head(feats, shape).float()
-                total = out if total is None else total.add_(out)
-        return total.div_(len(self.heads)) if len(self.heads) > 1 else total
+            return mean_logits(self.heads, self.extractor.features_of_noisy(xt, t, gtiles), tuple(xt.shape[2:]))
 
     def __call__(self, tiles: Tensor, gtiles: Tensor | None, seeds: list[int]) -> Tensor:
         if tiles.shape[0] != self.full_batch or self.graphed.failed:

@@ -19,6 +19,7 @@ from diffprobe.errors import DiffprobeError
 from diffprobe.predict.acceleration import InferenceSettings, autocast, memory_format
 from diffprobe.predict.cuda_graphs import GraphedGroupLogits, graphs_supported
 from diffprobe.probe.features import FeatureExtractor, inference_seed
+from diffprobe.probe.head import mean_logits
 from diffprobe.probe.model import TrainedProbe
 
 
@@ -114,12 +115,7 @@ def group_patch_predictor(group: ProbeGroup, device: torch.device, settings: Inf
             if len(group.probes) == 1:
                 return group.first.model(tiles, gtiles, seeds).float()
             feats = group.extractor(tiles, gtiles, seeds)  # once for every head of the group
-            shape = tuple(tiles.shape[2:])
-            total = None
-            for probe in group.probes:
-                out = probe.model.head(feats, shape).float()
-                total = out if total is None else total.add_(out)
-        return total.div_(len(group.probes))
+            return mean_logits([p.model.head for p in group.probes], feats, tuple(tiles.shape[2:]))
 
     group_logits = eager_logits
     if settings.cuda_graphs and graphs_supported(device) and isinstance(group.extractor, FeatureExtractor):

@@ -54,11 +54,6 @@ def inference_seed(start: Sequence[int], draw: int = 0) -> int:
     return patch_seed(INFERENCE_SEED_KEY if draw == 0 else f"{INFERENCE_SEED_KEY}#{int(draw)}", start)
 
 
-def patch_noise(shape: Sequence[int], seed: int, timesteps: Sequence[int]) -> Tensor:
-    """(T, *shape) standard normal noise, one draw per (seed, timestep), generated on the CPU."""
-    return batch_noise(shape, [seed], timesteps)
-
-
 def _fill_normal(out: Tensor, seed: int) -> None:
     torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), out=out)
 

@@ -93,3 +93,13 @@ def build_head(kind: str, feature_channels: dict[str, int], num_classes: int, wi
     if kind == "linear":
         return LinearHead(feature_channels, num_classes)
     raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
+
+
+def mean_logits(heads: list[nn.Module], features: dict[str, Tensor], output_size: tuple[int, ...]) -> Tensor:
+    """The float32 mean of several heads' logits on the same features (fold heads sharing one extraction);
+    one head: its logits."""
+    total = None
+    for head in heads:
+        out = head(features, output_size).float()
+        total = out if total is None else total.add_(out)
+    return total.div_(len(heads)) if len(heads) > 1 else total
