@@ -46,13 +46,25 @@ DP_DATASET, NN_DATASET = "Dataset010_RealCT", "Dataset011_RealCTnnunet"
 PRETRAINED = "fair"
 VOLUMES = {"realct": None, "ct512": ((300, 512, 512), (1.5, 0.8, 0.8))}
 REALCT_CASE = "pancreas001_0000.nii.gz"
+NNUNET_TUNED = "nnU-Net malloc-tuned"  # nnU-Net's predictor under diffprobe's glibc allocator settings
+NNUNET_TOOLS = ("nnU-Net", NNUNET_TUNED)
 
 
 # ---- workers ---------------------------------------------------------------------------------
 def nnunet_worker(args: argparse.Namespace) -> None:
-    """Predict every image of --input with a randomly initialised 3d_fullres nnU-Net from its own plans."""
+    """Predict every image of --input with a randomly initialised 3d_fullres nnU-Net from its own plans.
+
+    ``--malloc-tuning``: first apply diffprobe's glibc settings (``diffprobe.host_allocator``) to this
+    process, the one that runs nnU-Net's sliding window, so that the allocator is not what separates the tools.
+    """
     import bench_predict
     import torch
+
+    if args.malloc_tuning:
+        from diffprobe.host_allocator import tune_host_allocator
+
+        if not tune_host_allocator():
+            sys.exit("the glibc allocator settings could not be applied in this process")
 
     torch.set_num_threads(args.threads)
     predictor = bench_predict.nnunet_predictor_with_progress(NN_DATASET, mirroring=False)
@@ -241,10 +253,11 @@ def run_one(args: argparse.Namespace, tool: str, vol: str) -> dict:
     out = work / "outputs" / vol / tool.replace(" ", "_")
     shutil.rmtree(out, ignore_errors=True)
     inputs = volume_file(work, vol).parent
-    if tool == "nnU-Net":
+    if tool in NNUNET_TOOLS:
         env_cls = "cpu"
         cmd = [sys.executable, __file__, "--nnunet-worker", "--workdir", str(work), "--input", str(inputs),
-               "--output", str(out), "--threads", str(args.threads), "--nnunet-np", str(args.nnunet_np)]
+               "--output", str(out), "--threads", str(args.threads), "--nnunet-np", str(args.nnunet_np),
+               *(["--malloc-tuning"] if tool == NNUNET_TUNED else [])]
     else:
         env_cls = tool.split()[1]
         cmd = [sys.executable, str(HERE / "bench_predict.py"), "--diffprobe-cli", "predict", "-i", str(inputs),
@@ -272,7 +285,7 @@ def fmt_row(r: dict, flops: dict, voxels: float) -> str:
     secs = (f">{r['seconds']:.0f} (killed, ~{r['estimated_seconds']:.0f} est.)" if r["timed_out"]
             and r.get("estimated_seconds") else f">{r['seconds']:.0f} (killed)" if r["timed_out"]
             else "failed" if r["failed"] else f"{r['seconds']:.1f}")
-    f = flops.get(r["tool"], {})
+    f = flops.get("nnU-Net" if r["tool"] in NNUNET_TOOLS else r["tool"], {})
     known = f.get("volumes", {}).get(r["volume"], {})
     # tiles the run's window reported; else the grid's count (diffprobe: before its body crop, an upper bound)
     tiles = r.get("tiles_total") or known.get("tiles") or known.get("tiles_uncropped")
@@ -280,8 +293,11 @@ def fmt_row(r: dict, flops: dict, voxels: float) -> str:
     pv = f"{per_voxel / 1e6:.2f}" if per_voxel else "-"
     ram = ("≥" if r["timed_out"] else "") + f"{r['peak_pss_gb']:.2f}"
     patch = "×".join(map(str, f.get("patch_size", [])))
+    # achieved arithmetic over the whole case (start-up, reading and writing included), measured or estimated
+    case_s = r.get("estimated_seconds") if r["timed_out"] else None if r["failed"] else r["seconds"]
+    rate = f"{f['tile_flops'] * tiles / case_s / 1e12:.3f}" if tiles and f and case_s else "-"
     return (f"| {r['volume']} | {r['tool']} | {patch} | {tiles or '-'} | {f.get('tile_flops', 0) / 1e9:.1f} | {pv} | "
-            f"{secs} | {ram} | {r['load_before'][0]:.1f} |")
+            f"{secs} | {rate} | {ram} | {r['load_before'][0]:.1f} |")
 
 
 def main() -> None:
@@ -290,7 +306,8 @@ def main() -> None:
     ap.add_argument("--volumes", nargs="+", choices=list(VOLUMES), default=list(VOLUMES))
     ap.add_argument("--size_classes", nargs="+", default=["cpu", "paper"],
                     help="diffprobe size classes (cpu: the 60-min CPU budget's choice on 2 cores; paper: GPU's)")
-    ap.add_argument("--runs", nargs="+", default=None, help="tools to time, e.g. 'diffprobe cpu' nnU-Net")
+    ap.add_argument("--runs", nargs="+", default=None,
+                    help=f"tools to time, e.g. 'diffprobe cpu' nnU-Net '{NNUNET_TUNED}'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-seconds", type=float, default=300.0)
     ap.add_argument("--nnunet-np", type=int, default=3)
@@ -299,6 +316,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     for hidden in ("--nnunet-worker", "--setup-worker", "--flops-worker"):
         ap.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--malloc-tuning", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -334,8 +352,8 @@ def main() -> None:
     path.write_text(json.dumps(report, indent=1))
     print(f"\n{os.cpu_count()} cores, {args.threads} torch threads per tool, diffprobe -precision "
           f"{args.dp_precision}, killed after {args.max_seconds:.0f} s; raw numbers: {path}")
-    print("| volume | tool | patch | tiles | GFLOP/tile | MFLOP/output voxel | s/case | peak PSS GB | load |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| volume | tool | patch | tiles | GFLOP/tile | MFLOP/output voxel | s/case | TFLOP/s | peak PSS GB | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(fmt_row(r, flops, voxels[r["volume"]]))
 
