@@ -67,7 +67,7 @@ def _inject(rank: int, out: Path) -> None:
     from diffprobe.pretraining import bpr_maps, data
 
     original_map, original_batch, original_loss = bpr_maps.write_bpr_map, data.PatchBatches.batch, \
-        pretrain_mod._diffusion_loss
+        pretrain_mod.DiffusionLoss.__call__
 
     def logged_map(model, ref, *args, **kwargs):
         with open(out / f"maps_rank{rank}.txt", "a") as f:
@@ -80,8 +80,8 @@ def _inject(rank: int, out: Path) -> None:
                                  "preprocess the case again")
         return original_batch(self, step)
 
-    def bad_loss(model, batch, step, **kwargs):
-        loss, metrics = original_loss(model, batch, step, **kwargs)
+    def bad_loss(self, model, batch, step):
+        loss, metrics = original_loss(self, model, batch, step)
         if rank == 1 and step == 1:
             if _NOW["scenario"] == "nan":
                 return loss * float("nan"), metrics
@@ -89,8 +89,8 @@ def _inject(rank: int, out: Path) -> None:
                 os.kill(os.getpid(), signal.SIGTERM if _NOW["scenario"] == "sigterm" else signal.SIGKILL)
         return loss, metrics
 
-    bpr_maps.write_bpr_map, data.PatchBatches.batch, pretrain_mod._diffusion_loss = logged_map, broken_batch, \
-        bad_loss
+    bpr_maps.write_bpr_map, data.PatchBatches.batch, pretrain_mod.DiffusionLoss.__call__ = logged_map, \
+        broken_batch, bad_loss
 
 
 def _rank_main(rank: int, port: int, roots: dict[str, str], out: str, runs: list[tuple[str, list[str]]]) -> None:

@@ -69,3 +69,22 @@ def test_gpu_graphs_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert [r["batch"] for r in sections["train"]["rows"]] == [1, 2]
     assert all(r["patches_per_s"] > 0 for r in sections["train"]["rows"])
     assert sections["predict"]["rows"][0]["best_s"] > 0
+
+
+def test_gpu_trainer_graphs_dry_run_compares_the_two_trainers(tmp_path: Path) -> None:
+    """benchmarks/gpu_trainer_graphs.py (the trainer eager vs --cuda_graphs) through its CPU dry run: both
+    runs train, and on a CPU (no capture there) they are the same run, bit for bit."""
+    script = SUITE.with_name("gpu_trainer_graphs.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFPROBE_", "nnUNet_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(SUITE.parents[1]))
+    report_path = tmp_path / "trainer_graphs.json"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--dry-run", "--json", str(report_path)],
+                          cwd=SUITE.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    report = json.loads(report_path.read_text())
+    assert report["eager"]["ms_per_step"] > 0 and report["cuda_graphs"]["ms_per_step"] > 0
+    assert len(report["eager"]["losses"]) == report["steps"] == len(report["cuda_graphs"]["losses"])
+    for name in ("cuda_graphs", "cuda_graphs_native_norm"):
+        assert report[name]["capture"] is None  # no graph on a CPU: the same run as eager, bit for bit
+        assert report["comparison"][name]["loss_max_rel_diff"] == 0
+        assert report["comparison"][name]["weights_max_diff_rel_to_scale"] == 0

@@ -79,7 +79,7 @@ def test_unknown_guidance_is_user_error(use_phantom_roots):
 
 def test_channels_last_gives_same_loss(use_phantom_roots):
     """channels_last_3d is a layout change only: the same step gives the same loss."""
-    from diffprobe.pretraining.pretrain import _diffusion_loss
+    from diffprobe.pretraining.pretrain import DiffusionLoss
 
     data_dir, plans, ids = preprocessed_cases(1)
     cfg = Plans(plans)
@@ -89,7 +89,6 @@ def test_channels_last_gives_same_loss(use_phantom_roots):
     for p in model.parameters():  # leave the zero-init state so the output depends on the input
         torch.nn.init.normal_(p, std=0.02)
     diffusion = GaussianDiffusion.from_plans(plans)
-    a, _ = _diffusion_loss(model, batch, 3, diffusion, 0, 0, channels_last=False)
-    b, _ = _diffusion_loss(model.to(memory_format=torch.channels_last_3d), batch, 3, diffusion, 0, 0,
-                           channels_last=True)
+    a, _ = DiffusionLoss(diffusion, 0, 0, channels_last=False)(model, batch, 3)
+    b, _ = DiffusionLoss(diffusion, 0, 0, channels_last=True)(model.to(memory_format=torch.channels_last_3d), batch, 3)
     assert torch.allclose(a, b, rtol=1e-4)

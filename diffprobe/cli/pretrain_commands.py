@@ -31,6 +31,8 @@ def pretrain_cmd(
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the denoiser (GPU)"),
     channels_last: bool | None = typer.Option(None, "--channels_last/--no_channels_last",
                                               help="channels_last_3d memory format (default: planned, on)"),
+    cuda_graphs: bool = typer.Option(False, "--cuda_graphs", help="CUDA, one process: replay each diffusion step "
+                                     "from one captured CUDA graph (no effect on a CPU)"),
 ) -> None:
     """Train the Body Part Regressor, then the BPR-guided 3D diffusion model, on unlabelled CT.
 
@@ -41,7 +43,7 @@ def pretrain_cmd(
 
     overrides = {"diffusion_steps": diffusion_steps, "bpr_steps": bpr_steps, "batch_size": batch_size,
                  "diffusion_lr": lr, "num_workers": num_workers, "checkpoint_every": checkpoint_every,
-                 "compile": compile_model or None,
+                 "compile": compile_model or None, "cuda_graphs": cuda_graphs or None,
                  "channels_last": channels_last}
     result = pretrain(dataset, name=name, stage=stage, guidance=guidance, attention=attention,
                       device=device, resume=resume, overrides=overrides, seed=seed)

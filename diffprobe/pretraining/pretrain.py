@@ -51,7 +51,7 @@ RUN_OVERRIDES: dict[str, tuple[str, ...]] = {
     "batch_size": ("batch_size",), "num_workers": ("training", "num_workers"),
     "checkpoint_every": ("training", "checkpoint_every"), "compile": ("training", "compile"),
     "channels_last": ("training", "channels_last"), "warmup_steps": ("training", "diffusion", "warmup_steps"),
-    "ema_decay": ("training", "diffusion", "ema_decay"),
+    "ema_decay": ("training", "diffusion", "ema_decay"), "cuda_graphs": ("training", "cuda_graphs"),
 }
 
 
@@ -212,16 +212,33 @@ def train_bpr(volumes, plans: Plans, out: Path, device: torch.device, resume: bo
 
 
 # ---- diffusion -----------------------------------------------------------------------------
-def _diffusion_loss(model, batch, step: int, diffusion: GaussianDiffusion, seed: int, rank: int,
-                    channels_last: bool = False):
-    device = next(model.parameters()).device
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    x0 = batch["image"].to(device).contiguous(memory_format=fmt)
-    guidance = batch["guidance"].to(device).contiguous(memory_format=fmt) if batch["guidance"] is not None else None
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
-    t = diffusion.sample_timesteps(x0.shape[0], g).to(device)
-    noise = torch.randn(x0.shape, generator=g).to(device)
-    return diffusion.training_loss(model, x0, guidance, t, noise), {}
+@dataclass(frozen=True)
+class DiffusionLoss:
+    """The ε-MSE loss of a diffusion step, in the two parts a captured step needs
+    (``training.graphed_step.SplitLoss``): ``inputs`` (host: the batch to the device, t and noise from a
+    generator seeded by (seed, step, rank)) and ``body`` (device only: q_sample, denoiser, MSE)."""
+
+    diffusion: GaussianDiffusion
+    seed: int
+    rank: int
+    channels_last: bool = False
+
+    def inputs(self, batch, step: int, device: torch.device) -> dict[str, torch.Tensor | None]:
+        fmt = torch.channels_last_3d if self.channels_last else torch.contiguous_format
+        x0 = batch["image"].to(device).contiguous(memory_format=fmt)
+        guide = batch["guidance"]
+        guidance = guide.to(device).contiguous(memory_format=fmt) if guide is not None else None
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 64 + self.rank)
+        t = self.diffusion.sample_timesteps(x0.shape[0], g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        return {"x0": x0, "guidance": guidance, "t": t, "noise": noise}
+
+    def body(self, model, inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        return self.diffusion.training_loss(model, inputs["x0"], inputs["guidance"], inputs["t"], inputs["noise"])
+
+    def __call__(self, model, batch, step: int):
+        device = next(model.parameters()).device
+        return self.body(model, self.inputs(batch, step, device)), {}
 
 
 def train_diffusion(volumes, plans: Plans, guidance: str, attention: str, out: Path,
@@ -235,10 +252,10 @@ def train_diffusion(volumes, plans: Plans, guidance: str, attention: str, out: P
                          ema_decay=float(cfg["ema_decay"]), checkpoint_every=int(train["checkpoint_every"]), seed=seed,
                          samples_per_step=plans.batch_size, compile=bool(train.get("compile", False)),
                          channels_last=bool(train.get("channels_last", False)),
+                         cuda_graphs=bool(train.get("cuda_graphs", False)),
                          extra={"stage": "diffusion", "guidance": guidance, "attention": attention})
     rank = dist_utils.rank()
-    loss = functools.partial(_diffusion_loss, diffusion=diffusion, seed=seed, rank=rank,
-                             channels_last=tcfg.channels_last)
+    loss = DiffusionLoss(diffusion, seed, rank, tcfg.channels_last)
     trainer = Trainer(model, loss, tcfg, out / "diffusion", device, name="diffusion")
     if resume:
         trainer.resume()

@@ -42,6 +42,7 @@ from diffprobe.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from diffprobe.training.graphed_step import GraphedStep, check_supported, portable_optimizer_state
 from diffprobe.utils import atomic_path, remove_interrupted_writes, save_figure
 
 LOG_FILENAME = "training_log.jsonl"
@@ -64,6 +65,7 @@ class TrainerConfig:
     samples_per_step: int = 1  # for patches/s reporting
     compile: bool = False  # torch.compile the model's forward (GPU runs; slow to compile on CPU)
     channels_last: bool = False  # channels_last_3d memory format (faster cuDNN 3D convs on GPU)
+    cuda_graphs: bool = False  # CUDA: replay the whole step from one graph (training.graphed_step); needs a SplitLoss
     validate_every: int = 0  # run the validation callback every N steps (and at the end); 0 = never
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in checkpoints (preset, stage, plans...)
 
@@ -129,6 +131,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.cfg))
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay else None
+        self.graphed: GraphedStep | None = None
+        if config.cuda_graphs and self.device.type == "cuda":  # no effect on a CPU, as predict's setting
+            check_supported(dist_utils.is_distributed(), config.compile)
+            self.graphed = GraphedStep(self.model, self.optimizer, loss_fn, config.grad_clip, self.device,  # type: ignore[arg-type]
+                                       torch.bfloat16 if config.amp else None)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None  # the checkpoint resume() loaded
@@ -148,8 +155,8 @@ class Trainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "ema": self.ema.model.state_dict() if self.ema else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": portable_optimizer_state(self.optimizer.state_dict()),
+            "scheduler": {**(sd := self.scheduler.state_dict()), "_last_lr": [float(v) for v in sd["_last_lr"]]},
             "rng": rng_state(),
             "config": json.loads(json.dumps(asdict(self.cfg))),
             "history": self.history,
@@ -267,8 +274,17 @@ class Trainer:
 
     def _step(self, it: Iterator[Any], clock: dict[str, float], update: Callable[..., None]) -> None:
         """One optimiser step, then its log record, validation and checkpoint as configured."""
-        loss, metrics = self._loss_of(self._next_batch(it))
-        self.apply_gradients(loss)
+        batch = self._next_batch(it)
+        loss = self.graphed(batch, self.step) if self.graphed is not None else None
+        if loss is None:
+            loss, metrics = self._loss_of(batch)
+            self.apply_gradients(loss)
+        else:  # replayed: loss, backward, clipping and AdamW are done; the schedule and EMA follow
+            metrics = {}
+            self._stop_unless_finite(loss)
+            self.scheduler.step()
+            if self.ema:
+                self.ema.update(self.model)
         self.step += 1
         clock["samples"] += self.cfg.samples_per_step
         final = self.step == self.cfg.total_steps
@@ -276,7 +292,7 @@ class Trainer:
             final or self.step % self.cfg.validate_every == 0)
         if self.step % self.cfg.log_every == 0 or final or validate_now:
             elapsed = time.perf_counter() - clock["start"]
-            record = {"step": self.step, "loss": float(loss.item()), "lr": self.scheduler.get_last_lr()[0],
+            record = {"step": self.step, "loss": float(loss.item()), "lr": float(self.scheduler.get_last_lr()[0]),
                       "samples_per_s": clock["samples"] / max(elapsed, 1e-9), **metrics}
             if validate_now:
                 with dist_utils.together(f"{self.name} validation at step {self.step}"):
@@ -308,12 +324,15 @@ class Trainer:
         with dist_utils.together(f"{self.name} step {self.step}"):
             with self._autocast():
                 loss, metrics = self.loss_fn(self.wrapped, batch, self.step)
-            if not torch.isfinite(loss.detach()).all():
-                raise DiffprobeError(
-                    f"{self.name}: loss became {loss.item()} at step {self.step}; training stopped, the last good "
-                    f"checkpoint ({self.latest_path.name}) is kept", self.out_dir,
-                    "lower the learning rate (or check the data for extreme values) and resume with --c")
+            self._stop_unless_finite(loss)
         return loss, metrics
+
+    def _stop_unless_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            raise DiffprobeError(
+                f"{self.name}: loss became {loss.item()} at step {self.step}; training stopped, the last good "
+                f"checkpoint ({self.latest_path.name}) is kept", self.out_dir,
+                "lower the learning rate (or check the data for extreme values) and resume with --c")
 
     def _run_validation(self) -> dict[str, float]:
         self.model.eval()

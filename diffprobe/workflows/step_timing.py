@@ -123,7 +123,7 @@ def _guided_batch(plans: dict, batch: int, g: torch.Generator) -> tuple[torch.Te
 def time_diffusion(plans: dict, device: torch.device, tmp: str) -> float:
     """Seconds per denoiser optimizer step: ``batch`` patches, BPR guidance, EMA, channels_last as planned."""
     from diffprobe.diffusion import GaussianDiffusion
-    from diffprobe.pretraining.pretrain import _diffusion_loss
+    from diffprobe.pretraining.pretrain import DiffusionLoss
     from diffprobe.training.trainer import Trainer, TrainerConfig
 
     train, cfg = plans["training"], plans["training"]["diffusion"]
@@ -136,8 +136,8 @@ def time_diffusion(plans: dict, device: torch.device, tmp: str) -> float:
     g = torch.Generator().manual_seed(0)
     x0, guidance = _guided_batch(plans, int(plans["batch_size"]), g)
     batch = {"image": x0, "guidance": guidance}
-    loss = lambda i: _diffusion_loss(trainer.wrapped, batch, i, diffusion, 0, 0,  # noqa: E731
-                                     channels_last=tcfg.channels_last)[0]
+    diffusion_loss = DiffusionLoss(diffusion, 0, 0, tcfg.channels_last)
+    loss = lambda i: diffusion_loss(trainer.wrapped, batch, i)[0]  # noqa: E731
     return _time_steps(_trainer_step(trainer, loss), device)
 
 
