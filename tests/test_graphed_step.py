@@ -186,6 +186,8 @@ def test_graphs_are_refused_with_ddp_or_compile_and_ignored_on_a_cpu(tmp_path):
     graphed_step.check_supported(distributed=False, compiled=False)
     tr = Trainer(make_model(), ToyLoss(), cfg(5, cuda_graphs=True), tmp_path)
     assert tr.graphed is None  # no effect on a CPU, like predict's cuda_graphs
+    with pytest.raises(TypeError, match="SplitLoss"):  # a plain loss function cannot be split for a capture
+        GraphedStep(tr.model, tr.optimizer, lambda model, batch, step: None, 1.0, tr.device, None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph capture needs a GPU")

@@ -113,6 +113,8 @@ class GraphedStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: SplitLoss, grad_clip: float,
                  device: torch.device, autocast_dtype: torch.dtype | None,
                  capture: Capture = capture_cuda_graph) -> None:
+        if not (callable(getattr(loss, "inputs", None)) and callable(getattr(loss, "body", None))):
+            raise TypeError(f"a graphed step needs a SplitLoss (inputs + body), got {type(loss).__name__}")
         self.model = model
         self.optimizer = optimizer
         self.loss = loss
