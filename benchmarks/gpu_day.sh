@@ -23,15 +23,18 @@ rm -rf "$work"
 if [[ "$device" == cpu ]]; then
     suite_args=(--device cpu --dry-run --skip ddp)
     real_args=(--size_class tiny --bpr_steps 10 --diffusion_steps 10 --probe_steps 20 --threads 2)
+    whole_s=900  # two whole CTs on 2 cores: minutes, where a GPU takes seconds
 else
     suite_args=(--budget-s "$suite_s")
     real_args=(--budget_minutes "$budget_min" --threads "$(nproc)")
+    # TRAIN_GRAPHS=1: pretrain with --cuda_graphs (the budget planner still times eager steps)
+    [[ -n "${TRAIN_GRAPHS:-}" ]] && real_args+=(--override training.cuda_graphs=true)
 fi
 GPU_SUITE_TIMEOUT=$((${suite_s%.*} + 30)) PYTHON="$py" "$here/gpu_suite.sh" "${suite_args[@]}" \
     --workdir "$work/suite" --json "$out/gpu_suite.json" 2>&1 | tee "$out/gpu_suite.log"
 timeout 480 "$py" "$here/real_ct.py" --work "$work/rc" --device "$device" --target_spacing 3 1.5 1.5 --name gpu \
     "${real_args[@]}" 2>&1 | tee "$out/real_ct.log"
-timeout 120 "$py" "$here/real_ct_whole_scans.py" --work "$work/rc" --names gpu__fpn --device "$device" 2>&1 \
+timeout "${whole_s:-120}" "$py" "$here/real_ct_whole_scans.py" --work "$work/rc" --names gpu__fpn --device "$device" 2>&1 \
     | tee "$out/whole_scans.log"
 cp "$work/rc/real_ct_report.json" "$work/rc/whole_scans/gpu__fpn.png" "$out/" 2>/dev/null
 (cd "$work/rc" && tar czf "$out/real_ct_small.tgz" pred/summary.json real_ct_whole_scans.jsonl \

@@ -202,3 +202,19 @@ def test_a_real_capture_trains_like_eager_on_cuda(tmp_path):
     assert replayed.graphed is not None and replayed.graphed.failed is None
     for a, b in zip(eager.model.state_dict().values(), replayed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_plans_carry_the_setting_off_and_an_override_or_run_flag_turns_it_on():
+    from test_unet3d import fingerprint
+
+    from diffprobe.planning.planner import plan
+    from diffprobe.planning.plans import apply_override, parse_override
+    from diffprobe.pretraining.pretrain import run_plans
+
+    for size in ("tiny", "cpu", "small", "paper"):
+        assert plan(fingerprint(), size_class=size)["training"]["cuda_graphs"] is False
+    plans = plan(fingerprint(), size_class="tiny")
+    apply_override(plans, *parse_override("training.cuda_graphs=true"))  # plan_and_preprocess --override
+    assert plans["training"]["cuda_graphs"] is True
+    run = run_plans(plan(fingerprint(), size_class="tiny"), {"cuda_graphs": True})  # pretrain --cuda_graphs
+    assert run["training"]["cuda_graphs"] is True

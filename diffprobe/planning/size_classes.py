@@ -30,6 +30,7 @@ SIZE_CLASSES: dict[str, dict[str, Any]] = {
             "diffusion": {"steps": 500, "lr": 1e-3, "warmup_steps": 20, "ema_decay": 0.99},
             "probe": {"steps": 1000, "lr": 2e-2, "width": 32, "batch_size": 2},
             "checkpoint_every": 50, "num_workers": 1, "channels_last": True, "compile": False,
+            "cuda_graphs": False,
         },
     },
     "cpu": {
@@ -41,6 +42,7 @@ SIZE_CLASSES: dict[str, dict[str, Any]] = {
             "diffusion": {"steps": 1500, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.995},
             "probe": {"steps": 1000, "lr": 2e-2, "width": 32, "batch_size": 2},
             "checkpoint_every": 100, "num_workers": 1, "channels_last": True, "compile": False,
+            "cuda_graphs": False,
         },
     },
     "small": {
@@ -51,6 +53,7 @@ SIZE_CLASSES: dict[str, dict[str, Any]] = {
             "diffusion": {"steps": 20000, "lr": 1e-4, "warmup_steps": 500, "ema_decay": 0.999},
             "probe": {"steps": 3000, "lr": 2e-2, "width": 32, "batch_size": 2},
             "checkpoint_every": 500, "num_workers": 4, "channels_last": True, "compile": False,
+            "cuda_graphs": False,
         },
     },
     "paper": {
@@ -61,6 +64,7 @@ SIZE_CLASSES: dict[str, dict[str, Any]] = {
             "diffusion": {"steps": 300000, "lr": 1e-4, "warmup_steps": 2000, "ema_decay": 0.9999},
             "probe": {"steps": 10000, "lr": 2e-2, "width": 32, "batch_size": 2},
             "checkpoint_every": 1000, "num_workers": 8, "channels_last": True, "compile": False,
+            "cuda_graphs": False,
         },
     },
 }
