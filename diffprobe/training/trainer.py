@@ -236,6 +236,19 @@ class Trainer:
         if self.ema:
             self.ema.update(self.model)
 
+    def replayed_step(self, batch: Any) -> torch.Tensor | None:
+        """This step from its CUDA graph (loss, backward, clipping, AdamW), then the schedule and the EMA; None
+        without a graph (no ``cuda_graphs``, a CPU, a failed capture): the caller then steps eagerly. Also
+        timed by compute-budget planning, when the plans ask for graphs."""
+        loss = self.graphed(batch, self.step) if self.graphed is not None else None
+        if loss is None:
+            return None
+        self._stop_unless_finite(loss)
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update(self.model)
+        return loss
+
     def fit(self, batches: Callable[[int], Iterator[Any]], show_progress: bool = True) -> list[dict[str, float]]:
         """Train from ``self.step`` to ``cfg.total_steps``; ``batches(start)`` yields the batch of each step."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,16 +288,10 @@ class Trainer:
     def _step(self, it: Iterator[Any], clock: dict[str, float], update: Callable[..., None]) -> None:
         """One optimiser step, then its log record, validation and checkpoint as configured."""
         batch = self._next_batch(it)
-        loss = self.graphed(batch, self.step) if self.graphed is not None else None
+        loss, metrics = self.replayed_step(batch), {}
         if loss is None:
             loss, metrics = self._loss_of(batch)
             self.apply_gradients(loss)
-        else:  # replayed: loss, backward, clipping and AdamW are done; the schedule and EMA follow
-            metrics = {}
-            self._stop_unless_finite(loss)
-            self.scheduler.step()
-            if self.ema:
-                self.ema.update(self.model)
         self.step += 1
         clock["samples"] += self.cfg.samples_per_step
         final = self.step == self.cfg.total_steps

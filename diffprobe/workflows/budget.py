@@ -185,6 +185,7 @@ def timing_key(plans: dict, device: str) -> str:
         "probe": probe_settings(plans), "feature_timesteps": len(plans["diffusion"]["feature_timesteps"]),
         "num_classes": max(int(v) for v in plans["labels"].values()) + 1,
         "channels_last": train.get("channels_last"), "compile": train.get("compile"),
+        **({"cuda_graphs": True} if train.get("cuda_graphs") else {}),  # (absent when off: older keys still hold)
         "ema": train["diffusion"].get("ema_decay") is not None,
         "loader_workers": loader_workers(int(train.get("num_workers", 0)), device),
     }

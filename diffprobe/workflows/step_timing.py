@@ -131,14 +131,22 @@ def time_diffusion(plans: dict, device: torch.device, tmp: str) -> float:
     diffusion = GaussianDiffusion.from_plans(plans)
     tcfg = TrainerConfig(total_steps=1000, lr=float(cfg["lr"]), warmup_steps=0, ema_decay=float(cfg["ema_decay"]),
                          compile=bool(train.get("compile", False)),
-                         channels_last=bool(train.get("channels_last", False)))
-    trainer = Trainer(model, None, tcfg, tmp, device, name="diffusion timing")
+                         channels_last=bool(train.get("channels_last", False)),
+                         cuda_graphs=bool(train.get("cuda_graphs", False)))
+    diffusion_loss = DiffusionLoss(diffusion, 0, 0, tcfg.channels_last)
+    trainer = Trainer(model, diffusion_loss, tcfg, tmp, device, name="diffusion timing")
     g = torch.Generator().manual_seed(0)
     x0, guidance = _guided_batch(plans, int(plans["batch_size"]), g)
     batch = {"image": x0, "guidance": guidance}
-    diffusion_loss = DiffusionLoss(diffusion, 0, 0, tcfg.channels_last)
     loss = lambda i: diffusion_loss(trainer.wrapped, batch, i)[0]  # noqa: E731
-    return _time_steps(_trainer_step(trainer, loss), device)
+    eager = _trainer_step(trainer, loss)
+
+    def step(i: int) -> None:  # the graphed step where the plans ask for it (CUDA), as training takes it
+        trainer.step = i
+        if trainer.replayed_step(batch) is None:  # (its finite check syncs the device, as in training)
+            eager(i)
+
+    return _time_steps(step, device)
 
 
 def probe_settings(plans: dict) -> dict[str, Any]:
