@@ -27,7 +27,7 @@ if [[ "$device" == cpu ]]; then
 else
     suite_args=(--budget-s "$suite_s")
     real_args=(--budget_minutes "$budget_min" --threads "$(nproc)")
-    # TRAIN_GRAPHS=1: pretrain with --cuda_graphs (the budget planner still times eager steps)
+    # TRAIN_GRAPHS=1: pretrain with --cuda_graphs (planned in: the budget planner times the graphed step)
     [[ -n "${TRAIN_GRAPHS:-}" ]] && real_args+=(--override training.cuda_graphs=true)
 fi
 GPU_SUITE_TIMEOUT=$((${suite_s%.*} + 30)) PYTHON="$py" "$here/gpu_suite.sh" "${suite_args[@]}" \
