@@ -28,7 +28,7 @@ else
     suite_args=(--budget-s "$suite_s")
     real_args=(--budget_minutes "$budget_min" --threads "$(nproc)")
     # TRAIN_GRAPHS=1: pretrain with --cuda_graphs (planned in: the budget planner times the graphed step)
-    [[ -n "${TRAIN_GRAPHS:-}" ]] && real_args+=(--override training.cuda_graphs=true)
+    if [[ -n "${TRAIN_GRAPHS:-}" ]]; then real_args+=(--override training.cuda_graphs=true); fi
 fi
 GPU_SUITE_TIMEOUT=$((${suite_s%.*} + 30)) PYTHON="$py" "$here/gpu_suite.sh" "${suite_args[@]}" \
     --workdir "$work/suite" --json "$out/gpu_suite.json" 2>&1 | tee "$out/gpu_suite.log"
