@@ -218,3 +218,20 @@ def test_plans_carry_the_setting_off_and_an_override_or_run_flag_turns_it_on():
     assert plans["training"]["cuda_graphs"] is True
     run = run_plans(plan(fingerprint(), size_class="tiny"), {"cuda_graphs": True})  # pretrain --cuda_graphs
     assert run["training"]["cuda_graphs"] is True
+
+
+def test_a_non_finite_replayed_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    class Exploding(ToyLoss):
+        def body(self, model, inputs):
+            loss = super().body(model, inputs)
+            return loss * torch.where(inputs["x"][0, 0] > 100, float("nan"), 1.0)  # a data-driven NaN
+
+    def batches_with_a_bad_one(start):
+        for step, (x, y) in enumerate(batches(start), start):
+            yield (x + 1000 if step == 25 else x), y
+
+    tr = graphed(Trainer(make_model(), Exploding(), cfg(40), tmp_path), StandInCapture())
+    with pytest.raises(DiffprobeError, match="loss became nan at step 25"):
+        tr.fit(batches_with_a_bad_one, show_progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint_latest.pt")["step"] == 20
+    assert not (tmp_path / "checkpoint_final.pt").exists()
