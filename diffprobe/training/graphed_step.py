@@ -78,7 +78,8 @@ def capture_cuda_graph(body: Callable[[], Tensor], device: torch.device) -> tupl
                 body()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: another thread's CUDA call (a progress bar, a pinned-memory copy) must not void the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             loss = body()
     return graph.replay, loss
 
