@@ -187,6 +187,8 @@ class GraphedStep:
                 self.replay = self.static = self.static_loss = None
                 log.warning("CUDA graph capture of the training step failed (%s); training without graphs",
                             self.failed[:300])
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the aborted capture's work is done before eager steps
                 return None
         assert self.static is not None and self.replay is not None and self.static_loss is not None
         for key, value in inputs.items():
