@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import batches, cfg, make_model
+from test_trainer import batches, cfg, killed, make_model
 from test_unet3d import TINY_LEVELS, perturb_zero_init
 
 from diffprobe.diffusion import GaussianDiffusion
@@ -92,13 +92,6 @@ def test_replayed_steps_train_exactly_as_eager_ones(tmp_path):
 def test_a_resumed_graphed_run_equals_an_uninterrupted_eager_one(tmp_path):
     full = Trainer(make_model(), ToyLoss(), cfg(40), tmp_path / "full")
     full.fit(batches, show_progress=False)
-
-    def killed(start):
-        for step, b in enumerate(batches(start), start):
-            if step == 25:
-                raise KeyboardInterrupt
-            yield b
-
     part = graphed(Trainer(make_model(), ToyLoss(), cfg(40), tmp_path / "part"), StandInCapture())
     with pytest.raises(KeyboardInterrupt):
         part.fit(killed, show_progress=False)

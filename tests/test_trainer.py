@@ -25,6 +25,14 @@ def batches(start):
         step += 1
 
 
+def killed(start, at: int = 25):
+    """``batches`` that stop the run with a Ctrl-C when step ``at`` is read."""
+    for step, b in enumerate(batches(start), start):
+        if step == at:
+            raise KeyboardInterrupt
+        yield b
+
+
 def loss_fn(model, batch, step):
     x, y = batch
     g = torch.Generator().manual_seed(step)  # step-seeded randomness (like diffusion noise)
@@ -52,13 +60,6 @@ def test_resume_equals_uninterrupted(tmp_path):
     full = Trainer(make_model(), loss_fn, cfg(40), tmp_path / "full")
     full.fit(batches, show_progress=False)
     # interrupted run: killed at step 25, after checkpoint_latest was written at step 20
-
-    def killed(start):
-        for step, b in enumerate(batches(start), start):
-            if step == 25:
-                raise KeyboardInterrupt
-            yield b
-
     part = Trainer(make_model(), loss_fn, cfg(40), tmp_path / "part")
     with pytest.raises(KeyboardInterrupt):
         part.fit(killed, show_progress=False)
