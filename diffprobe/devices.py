@@ -1,8 +1,9 @@
-"""Device resolution shared by every stage (``-device auto|cpu|cuda|cuda:N``)."""
+"""Device resolution shared by every stage (``-device auto|cpu|cuda|cuda:N``), and CUDA graph capture."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -58,3 +59,24 @@ def loader_workers(planned: int, device: str | torch.device) -> int:
         return int(planned)
     per_process = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(int(planned), min(GPU_LOADER_WORKERS, per_process - 1))
+
+
+def capture_cuda_graph(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int,
+                       pool: tuple | None = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``fn()`` recorded as one CUDA graph on ``device``: (graph, the static output ``graph.replay()`` rewrites).
+
+    ``warmup`` eager calls on a side stream come first (cuDNN/cuBLAS workspaces, lazy initialisation: what a
+    capture may not do); ``pool``: another graph's memory pool to share. The capture is thread-local: another
+    thread's CUDA work (predict's read-ahead and export, a progress bar) does not void it. Used by predict's
+    tile graphs (``predict.cuda_graphs``) and the trainer's graphed step (``training.graphed_step``)."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = fn()
+    return graph, out

@@ -42,7 +42,7 @@ class ToyLoss:
 
 
 class StandInCapture:
-    """``capture_cuda_graph``'s contract without CUDA: warm-up steps and the 'capture' run the body (and
+    """``capture_on_cuda``'s contract without CUDA: warm-up steps and the 'capture' run the body (and
     train: the graph step must undo that); each replay runs it again on the static inputs."""
 
     def __init__(self, fail: bool = False) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from diffprobe.devices import capture_cuda_graph
 from diffprobe.probe.head import mean_logits
 
 log = logging.getLogger(__name__)
@@ -61,18 +62,8 @@ class GraphedForward:
     def capture(self, inputs: tuple[Tensor | None, ...]) -> tuple[list[Tensor | None], Tensor, torch.cuda.CUDAGraph]:
         """Warm up on a side stream, then record ``fn`` on copies of ``inputs`` (shared memory pool)."""
         static = [None if x is None else torch.empty_like(x).copy_(x) for x in inputs]
-        with torch.cuda.device(self.device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_CALLS):
-                    self.fn(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: predict's read-ahead and export threads may allocate meanwhile
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = self.fn(*static)
-            self.pool = graph.pool()
+        graph, out = capture_cuda_graph(lambda: self.fn(*static), self.device, WARMUP_CALLS, self.pool)
+        self.pool = graph.pool()
         return static, out, graph
 
     def __call__(self, *inputs: Tensor | None) -> Tensor:

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from diffprobe.devices import capture_cuda_graph
 from diffprobe.errors import DiffprobeError
 from diffprobe.models.group_norm import reduction_under_autograd
 
@@ -68,19 +69,9 @@ def check_supported(distributed: bool, compiled: bool) -> None:
                              fix="use one of them (torch.compile's mode='reduce-overhead' captures graphs itself)")
 
 
-def capture_cuda_graph(body: Callable[[], Tensor], device: torch.device) -> tuple[Callable[[], None], Tensor]:
-    """Warm ``body`` up on a side stream, then record it as one CUDA graph: (replay, static loss)."""
-    with torch.cuda.device(device):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                body()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA call (a progress bar, a pinned-memory copy) must not void the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            loss = body()
+def capture_on_cuda(body: Callable[[], Tensor], device: torch.device) -> tuple[Callable[[], None], Tensor]:
+    """``body`` warmed up and recorded as one CUDA graph (``devices.capture_cuda_graph``): (replay, static loss)."""
+    graph, loss = capture_cuda_graph(body, device, WARMUP_STEPS)
     return graph.replay, loss
 
 
@@ -106,14 +97,20 @@ def portable_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "param_groups": fixed}
 
 
+def portable_scheduler_state(state: dict[str, Any]) -> dict[str, Any]:
+    """An LR scheduler's ``state_dict`` with its last learning rates as floats (they are device tensors once
+    the optimiser is capturable), as the eager run saves it."""
+    return {**state, "_last_lr": [float(v) for v in state["_last_lr"]]}
+
+
 class GraphedStep:
     """``step(batch, step) -> loss``: one whole optimiser step (loss, backward, clipping, AdamW) of ``model``
     replayed from a graph captured at the first call; None after a failed capture (the caller then runs
-    the step eagerly, as from then on). ``capture`` is :func:`capture_cuda_graph` (tests pass a stand-in)."""
+    the step eagerly, as from then on). ``capture`` is :func:`capture_on_cuda` (tests pass a stand-in)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: SplitLoss, grad_clip: float,
                  device: torch.device, autocast_dtype: torch.dtype | None,
-                 capture: Capture = capture_cuda_graph) -> None:
+                 capture: Capture = capture_on_cuda) -> None:
         if not (callable(getattr(loss, "inputs", None)) and callable(getattr(loss, "body", None))):
             raise TypeError(f"a graphed step needs a SplitLoss (inputs + body), got {type(loss).__name__}")
         self.model = model
@@ -143,17 +140,19 @@ class GraphedStep:
         self.optimizer.step()
         return loss.detach()
 
+    def _model_tensors(self) -> list[Tensor]:
+        return [t.detach() for t in (*self.model.parameters(), *self.model.buffers())]
+
     def _state(self) -> tuple[list[Tensor], dict[Tensor, dict[str, Any]]]:
-        tensors = [t.detach() for t in (*self.model.parameters(), *self.model.buffers())]
         saved = {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()}
                  for p, s in self.optimizer.state.items()}
-        return [t.clone() for t in tensors], saved
+        return [t.clone() for t in self._model_tensors()], saved
 
     def _restore(self, saved: tuple[list[Tensor], dict[Tensor, dict[str, Any]]]) -> None:
         """Undo the warm-up's training, in place: the captured graph keeps these tensors' addresses."""
         values, optimizer_state = saved
         with torch.no_grad():
-            for t, v in zip([t.detach() for t in (*self.model.parameters(), *self.model.buffers())], values):
+            for t, v in zip(self._model_tensors(), values):
                 t.copy_(v)
             for p, state in self.optimizer.state.items():
                 before = optimizer_state.get(p)

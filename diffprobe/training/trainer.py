@@ -34,7 +34,7 @@ from torch import nn
 from diffprobe.errors import DiffprobeError
 from diffprobe.parallel import progress_bar
 from diffprobe.training import distributed as dist_utils
-from diffprobe.training import stop_signals
+from diffprobe.training import graphed_step, stop_signals
 from diffprobe.training.checkpoint import (
     load_checkpoint,
     load_state_checked,
@@ -42,7 +42,6 @@ from diffprobe.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from diffprobe.training.graphed_step import GraphedStep, check_supported, portable_optimizer_state
 from diffprobe.utils import atomic_path, remove_interrupted_writes, save_figure
 
 LOG_FILENAME = "training_log.jsonl"
@@ -131,11 +130,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.cfg))
         self.ema = EMA(self.model, config.ema_decay) if config.ema_decay else None
-        self.graphed: GraphedStep | None = None
+        self.graphed: graphed_step.GraphedStep | None = None
         if config.cuda_graphs and self.device.type == "cuda":  # no effect on a CPU, as predict's setting
-            check_supported(dist_utils.is_distributed(), config.compile)
-            self.graphed = GraphedStep(self.model, self.optimizer, loss_fn, config.grad_clip, self.device,  # type: ignore[arg-type]
-                                       torch.bfloat16 if config.amp else None)
+            graphed_step.check_supported(dist_utils.is_distributed(), config.compile)
+            self.graphed = graphed_step.GraphedStep(
+                self.model, self.optimizer, loss_fn, config.grad_clip, self.device,  # type: ignore[arg-type]
+                torch.bfloat16 if config.amp else None)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.resumed_from: Path | None = None  # the checkpoint resume() loaded
@@ -155,8 +155,8 @@ class Trainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "ema": self.ema.model.state_dict() if self.ema else None,
-            "optimizer": portable_optimizer_state(self.optimizer.state_dict()),
-            "scheduler": {**(sd := self.scheduler.state_dict()), "_last_lr": [float(v) for v in sd["_last_lr"]]},
+            "optimizer": graphed_step.portable_optimizer_state(self.optimizer.state_dict()),
+            "scheduler": graphed_step.portable_scheduler_state(self.scheduler.state_dict()),
             "rng": rng_state(),
             "config": json.loads(json.dumps(asdict(self.cfg))),
             "history": self.history,
