@@ -242,13 +242,16 @@ def controls_cmd(
     bpr_steps: int | None = _BPR_STEPS,
     head: str = _HEAD,
     device: str = _DEVICE,
+    rows: list[str] | None = typer.Option(
+        None, "--rows", help="only these rows (pretrained random_init no_backbone from_scratch finetune; default: "
+        "all); the table then lists only them. from_scratch also trains pretrained, whose time is its budget"),
 ) -> None:
     """The method vs honest controls: random-init denoiser, no backbone, from scratch (same compute), fine-tuned."""
-    from diffprobe.workflows.ablations.controls import SCRATCH_LR, ablate_controls
+    from diffprobe.workflows.ablations.controls import CONTROL_ROWS, SCRATCH_LR, ablate_controls
 
     config = _sweep(dataset, fold, steps, head, device, diffusion_steps, bpr_steps)
     result = ablate_controls(config, pretrained, pretrain_missing=pretrain, quick=quick, scratch_steps=scratch_steps,
-                             scratch_lr=scratch_lr or SCRATCH_LR)
+                             scratch_lr=scratch_lr or SCRATCH_LR, rows=tuple(rows) if rows else CONTROL_ROWS)
     print_rows(f"controls, model {pretrained}, fold {config.fold}: Dice", [r["row"] for r in result.table],
                result.table, result.classes)
     reused = sum(r.reused for r in result.rows)

@@ -162,7 +162,7 @@ def ablate_controls(config: SweepConfig, pretrained: str = "default", pretrain_m
             spec = dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
         if row not in results:
             results[row] = run_row(config, spec, record, _test_dir(out, stem, row))
-    ordered = [results[r] for r in CONTROL_ROWS if r in rows]
+    ordered = [results[r] for r in CONTROL_ROWS if r in results]  # from_scratch brings its budget's row
     sizes = class_sizes(config.dataset)
     groups, classes = size_groups(sizes), list(sizes)
     columns, table = control_table(ordered, classes, groups, budget)
