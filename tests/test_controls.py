@@ -155,7 +155,7 @@ def test_controls_quick_every_row_csv_png_and_resume(roots, capsys):
 
     # --rows: only the rows named (from_scratch with the method's row, its budget), every one reused here
     assert main(["ablate", "controls", "-d", "1", "-m", "tiny", "--quick", "--rows", "from_scratch",
-                 "--rows", "no_backbone"]) == 0
+                 "no_backbone"]) == 0
     printed = capsys.readouterr()
     assert "0 row(s) trained, 3 reused" in printed.out + printed.err
     assert [r["row"] for r in read_csv(out / "tiny__fold_0.csv")] == ["pretrained", "no_backbone", "from_scratch"]

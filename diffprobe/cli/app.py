@@ -65,7 +65,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 # Options that take several values nnU-Net style (``-d 1 2 3``); rewritten to repeated options.
-MULTI_VALUE_OPTIONS = {"-d", "--dataset", "--t", "--timesteps", "--models", "-f", "--fold", "--n", "--levels"}
+MULTI_VALUE_OPTIONS = {"-d", "--dataset", "--t", "--timesteps", "--models", "-f", "--fold", "--n", "--levels",
+                       "--rows"}
 
 
 def command(name: str, example: str, **kwargs) -> Callable:
