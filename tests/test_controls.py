@@ -128,8 +128,9 @@ def test_controls_quick_every_row_csv_png_and_resume(roots, capsys):
     assert by["random_init"]["model"] == "tiny_random_init"
     assert all(r["dice_mean"] != "" and r["test_cases"] == "1" and r["test_dice_mean"] != "" for r in rows)
     assert float(by["pretrained"]["pretrain_seconds"]) > 0 and float(by["random_init"]["pretrain_seconds"]) == 0
-    assert float(by["from_scratch"]["budget_seconds"]) > 0 and 1 <= int(by["from_scratch"]["steps"]) <= 4
-    assert all(int(by[r]["steps"]) == 4 for r in ROWS if r != "from_scratch")
+    for timed in ("from_scratch", "finetune"):  # steps fitted to a time budget (capped at 4 by --quick)
+        assert float(by[timed]["budget_seconds"]) > 0 and 1 <= int(by[timed]["steps"]) <= 4
+    assert all(int(by[r]["steps"]) == 4 for r in ROWS if r not in ("from_scratch", "finetune"))
     assert not list((roots["results"] / DATASET / "diffprobe").glob("*__timing"))  # timing run removed
     from diffprobe.utils import read_json
 
@@ -137,6 +138,8 @@ def test_controls_quick_every_row_csv_png_and_resume(roots, capsys):
     assert read_json(probe / "controls_no_backbone__tiny" / "fold_0" / "probe.json")["extractor"] == "input"
     scratch = read_json(probe / "controls_from_scratch__tiny" / "fold_0" / "probe.json")
     assert (scratch["init"], scratch["finetune"], scratch["config"]["finetune_lr"]) == ("scratch", True, 1e-3)
+    tuned = read_json(probe / "controls_finetune__tiny" / "fold_0" / "probe.json")
+    assert (tuned["finetune"], tuned["head_init"]) == (True, "controls_pretrained__tiny")
 
     # resume: every finished row is reused as it is; a removed row alone is trained again
     ckpt = probe / "controls_finetune__tiny" / "fold_0" / "checkpoint_final.pt"
@@ -160,6 +163,34 @@ def test_controls_quick_every_row_csv_png_and_resume(roots, capsys):
     assert "0 row(s) trained, 3 reused" in printed.out + printed.err
     assert [r["row"] for r in read_csv(out / "tiny__fold_0.csv")] == ["pretrained", "no_backbone", "from_scratch"]
     assert main(["ablate", "controls", "-d", "1", "-m", "tiny", "--quick", "--rows", "supervised"]) == 1
+
+
+def test_finetune_starts_from_the_methods_trained_head(roots):
+    """The fine-tune row's head starts as the method's probe ended, not fresh; a probe that is not a
+    frozen one on the same weights is refused with its folder named."""
+    from diffprobe.errors import DiffprobeError
+    from diffprobe.pretraining.pretrained_model import PretrainedModel
+    from diffprobe.probe.model import build_probe, probe_dir
+    from diffprobe.probe.warm_start import warm_start_head
+    from diffprobe.training.checkpoint import load_checkpoint
+    from diffprobe.utils import read_json
+
+    assert main(["ablate", "controls", "-d", "1", "-m", "tiny", "--quick", "--rows", "no_backbone", "finetune"]) == 0
+    source = probe_dir(1, "controls_pretrained__tiny", "0")
+    meta = read_json(source / "probe.json")
+    model = PretrainedModel("tiny")
+    torch.manual_seed(123)
+    probe = build_probe(model.load_denoiser("cpu"), model.meta, meta["timesteps"], meta["levels"], meta["head"],
+                        meta["num_classes"], meta["config"]["width"], True)
+    trained = load_checkpoint(source / "checkpoint_final.pt")["model"]
+    assert any(not torch.equal(v, trained[k]) for k, v in probe.head.state_dict().items())  # fresh head differs
+    warm_start_head(probe, source, {**meta, "finetune": True})
+    assert all(torch.equal(v, trained[k]) for k, v in probe.head.state_dict().items())
+    with pytest.raises(DiffprobeError, match="not a frozen probe") as err:
+        warm_start_head(probe, probe_dir(1, "controls_no_backbone__tiny", "0"), meta)
+    assert "controls_no_backbone__tiny" in str(err.value)
+    with pytest.raises(DiffprobeError, match="differs in num_classes"):
+        warm_start_head(probe, source, {**meta, "num_classes": meta["num_classes"] + 1})
 
 
 def test_label_sweep_runs_small_nested(roots, capsys):

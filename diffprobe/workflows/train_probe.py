@@ -160,7 +160,7 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
                 overrides: dict[str, Any] | None = None, timesteps: list[int] | None = None,
                 seed: int = 0, show_progress: bool = True, final_validation: bool = True,
                 configuration: str | None = None, extractor: str = "denoiser", init: str = "pretrained",
-                train_cases: list[str] | None = None) -> ProbeTrainResult:
+                train_cases: list[str] | None = None, head_init: Path | None = None) -> ProbeTrainResult:
     """Train one fold's probe; returns its folder, training history and validation summary.
 
     The controls of ``diffprobe ablate controls`` (defaults: the method itself):
@@ -168,6 +168,8 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
     denoiser features); ``init="scratch"`` trains the denoiser's architecture from a standard
     random initialisation end to end (implies ``finetune``); ``train_cases`` restricts the
     fold's training cases to a subset (label-efficiency sweep). All three go to probe.json.
+    ``head_init`` (with ``finetune``) starts the head from a finished frozen probe's folder
+    instead of a fresh head (:mod:`diffprobe.probe.warm_start`); probe.json names it.
     """
     if head not in HEADS:
         raise DiffprobeError(f"unknown head '{head}'", fix=f"use one of {', '.join(HEADS)}")
@@ -176,6 +178,8 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
         raise ValueError(f"extractor {extractor!r} / init {init!r} / finetune {finetune}: use extractor one of "
                          f"{EXTRACTORS}, init one of {INITS}; the input extractor has nothing to train or init")
     finetune = finetune or init == "scratch"  # a network from random weights must be trained
+    if head_init is not None and (not finetune or init == "scratch"):
+        raise ValueError("head_init starts a fine-tune of the pretrained denoiser: use it with finetune=True")
     model = PretrainedModel(pretrained)
     pmeta = model.meta
     # refused up front, not as a ValueError of the feature extractor or after the BPR maps: --t, then -f
@@ -215,7 +219,8 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
             "guidance": pmeta["guidance"], "head": head, "finetune": finetune, "timesteps": timesteps,
             "dataset_timesteps": dataset_timesteps, "extractor": extractor, "init": init,
             "levels": probe.extractor.levels, "patch_size": patch, "num_classes": num_classes, "labels": labels,
-            "train_cases": train_ids, "val_cases": val_ids, "config": cfg, "seed": seed, "plans": plans}
+            "train_cases": train_ids, "val_cases": val_ids, "config": cfg, "seed": seed, "plans": plans,
+            "head_init": None if head_init is None else Path(head_init).parent.name}
     meta_path = folder / "probe.json"
     # rank 0 decides whether the probe exists: another rank could see the probe.json rank 0 writes below
     existed = dist_utils.main_process_value(meta_path.is_file())
@@ -223,12 +228,17 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
         raise DiffprobeError("this probe was already trained", folder, "continue it with --c or delete the folder")
     if existed:
         old = read_json(meta_path)
-        keys = ("pretrained_checksum", "timesteps", "head", "finetune", "patch_size", "extractor", "init")
+        keys = ("pretrained_checksum", "timesteps", "head", "finetune", "patch_size", "extractor", "init",
+                "head_init")
         defaults = {"extractor": "denoiser", "init": "pretrained"}  # probe.json written before these keys
         changed = [k for k in keys if old.get(k, defaults.get(k)) != meta[k]]
         if changed:
             raise DiffprobeError(f"--c with different {', '.join(changed)} than the original run", meta_path,
                                  "use the original settings, or train into a fresh folder")
+    if head_init is not None:  # before resume, which then loads the run's own later weights over it
+        from diffprobe.probe.warm_start import warm_start_head
+
+        warm_start_head(probe, Path(head_init), meta, dev)
     if dist_utils.is_main_process():
         write_json(meta_path, meta)
 

@@ -37,6 +37,7 @@ class RowSpec:
     init: str = "pretrained"
     overrides: dict[str, Any] = field(default_factory=dict)  # probe settings (steps, finetune_lr...)
     train_cases: tuple[str, ...] | None = None
+    head_init: str | None = None  # configuration of the frozen probe (same fold) a fine-tune starts from
 
     @property
     def uses_pretrained_weights(self) -> bool:
@@ -85,6 +86,7 @@ def _check_reusable(config: SweepConfig, spec: RowSpec, meta: dict, folder: Path
     found = {k: meta.get(k) for k in wanted}
     found.update(extractor=meta.get("extractor", "denoiser"), init=meta.get("init", "pretrained"),
                  config={k: v for k, v in meta.get("config", {}).items() if k not in _IGNORED_PROBE_SETTINGS})
+    wanted["head_init"], found["head_init"] = spec.head_init, meta.get("head_init")
     if spec.train_cases is not None:
         wanted["train_cases"] = sorted(spec.train_cases)
         found["train_cases"] = sorted(meta.get("train_cases", []))
@@ -97,7 +99,7 @@ def _check_reusable(config: SweepConfig, spec: RowSpec, meta: dict, folder: Path
 
 def train_or_reuse(config: SweepConfig, spec: RowSpec) -> tuple[dict, Path, bool, float | None]:
     """(validation summary, folder, reused, wall seconds of the training now or None if reused)."""
-    from diffprobe.probe.model import ProbeFolder
+    from diffprobe.probe.model import ProbeFolder, probe_dir
     from diffprobe.workflows.train_probe import train_probe
 
     probe = ProbeFolder.of(config.dataset, spec.configuration, config.fold)
@@ -120,7 +122,8 @@ def train_or_reuse(config: SweepConfig, spec: RowSpec) -> tuple[dict, Path, bool
                          device=config.device, resume=probe.meta_path.is_file(), overrides=row_settings(config, spec),
                          show_progress=config.show_progress, configuration=spec.configuration,
                          extractor=spec.extractor, init=spec.init,
-                         train_cases=list(spec.train_cases) if spec.train_cases is not None else None)
+                         train_cases=list(spec.train_cases) if spec.train_cases is not None else None,
+                         head_init=probe_dir(config.dataset, spec.head_init, config.fold) if spec.head_init else None)
     if result.validation is None:  # pragma: no cover - only off the main DDP rank
         raise DiffprobeError("the probe finished without a validation summary", probe.folder)
     return result.validation, probe.folder, False, time.perf_counter() - t0

@@ -12,7 +12,9 @@ head, probe settings and seed; they differ only in where the features come from:
 * ``from_scratch``: the same UNet (fresh standard init) + head trained end to end on the
   labels, given as many steps as fit the method's whole compute (pretraining + probe,
   :mod:`~diffprobe.workflows.ablations.time_budget`);
-* ``finetune``: the method's denoiser fine-tuned with the head (``diffprobe train --finetune``).
+* ``finetune``: the method's probe trained further with its denoiser (``diffprobe train --finetune``),
+  its head starting from the method's trained head (:mod:`diffprobe.probe.warm_start`), for as many
+  steps as fit the time the method's probe trained: pretraining as initialisation, not frozen.
 
 Dice per class on the fold's validation cases and, when the raw dataset has them, on
 imagesTs/labelsTs; CSV + PNG in ``ablations/controls/``; finished rows are reused.
@@ -43,11 +45,13 @@ DESCRIPTIONS = {
     "random_init": "frozen randomly initialised denoiser (PyTorch default init) + probe",
     "no_backbone": "probe head on image + guidance channels only",
     "from_scratch": "same UNet + head trained end to end from random init, method's compute",
-    "finetune": "pretrained denoiser + head, both trained (--finetune)",
+    "finetune": "the method's probe, then denoiser + head trained together (--finetune) as long again",
 }
 # A from-scratch UNet at the probe's frozen-head lr (2e-2) diverges and at the fine-tune lr (1e-4)
 # barely moves in a CPU budget; 1e-3 is AdamW's usual rate for a small GroupNorm UNet.
 SCRATCH_LR = 1e-3
+# the table's budget_seconds: the training time each time-budgeted row was given (budget dict keys)
+_BUDGET_KEYS = {"from_scratch": "budget_seconds", "finetune": "finetune_budget_seconds"}
 QUICK_STEPS = 4  # --quick: probe steps of every row, and the cap on from_scratch's
 QUICK_PRETRAIN = {"bpr_steps": 2, "diffusion_steps": 2, "num_workers": 0}
 
@@ -81,16 +85,17 @@ def prepare_model(config: SweepConfig, pretrained: str, pretrain_missing: bool) 
     ensure_model(config, pretrained, "bpr", "planned")
 
 
-def scratch_steps_for(config: SweepConfig, spec: RowSpec, budget_seconds: float, record: dict, quick: bool,
-                      timing_steps: int) -> tuple[int, dict]:
-    """(steps, how they were chosen) for a from-scratch row: recorded, or measured to fit the budget."""
+def timed_steps_for(config: SweepConfig, spec: RowSpec, budget_seconds: float, record: dict, quick: bool,
+                    timing_steps: int) -> tuple[int, dict]:
+    """(steps, how they were chosen) for a time-budgeted row (from scratch, fine-tune): recorded, or
+    measured on this machine to fit the budget."""
     from diffprobe.probe.model import ProbeFolder
 
     folder = ProbeFolder.of(config.dataset, spec.configuration, config.fold)
     if folder.meta_path.is_file():  # started before: keep its budget (a rerun must not change its steps)
         steps = int(folder.read_meta()["config"]["steps"])
         return steps, record.get(f"budget/{spec.configuration}", {"steps": steps, "source": "earlier run"})
-    key = f"step_seconds/{spec.pretrained}"
+    key = f"step_seconds/{spec.pretrained}" if spec.row == "from_scratch" else f"step_seconds/{spec.configuration}"
     if key not in record:
         record[key] = measure_step_seconds(config, spec, warm=1 if quick else 2, timed=timing_steps)
     step_s = float(record[key])
@@ -113,7 +118,8 @@ def control_specs(config: SweepConfig, pretrained: str, scratch_lr: float) -> di
                                extractor="input"),
         "from_scratch": RowSpec("from_scratch", pretrained, configuration("from_scratch", pretrained, sfx),
                                 init="scratch", overrides={"finetune_lr": scratch_lr}),
-        "finetune": RowSpec("finetune", pretrained, configuration("finetune", pretrained, sfx), finetune=True),
+        "finetune": RowSpec("finetune", pretrained, configuration("finetune", pretrained, sfx), finetune=True,
+                            head_init=configuration("pretrained", pretrained, sfx)),
     }
 
 
@@ -145,24 +151,12 @@ def ablate_controls(config: SweepConfig, pretrained: str = "default", pretrain_m
     results: dict[str, RowResult] = {}
     for row in [r for r in CONTROL_ROWS if r in rows]:
         spec = specs[row]
-        if row == "from_scratch":
-            if "pretrained" not in results:  # its budget is the method's cost
-                results["pretrained"] = run_row(config, specs["pretrained"], record, _test_dir(out, stem,
-                                                                                              "pretrained"))
-            method = results["pretrained"]
-            probe_s = method.train_seconds if not math.isnan(method.train_seconds) else method.wall_seconds
-            budget["probe_seconds"] = probe_s
-            budget["budget_seconds"] = total + probe_s
-            if scratch_steps is not None:
-                steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
-            else:
-                steps, info = scratch_steps_for(config, spec, total + probe_s, record, quick,
-                                                1 if quick else 4)
-            budget["from_scratch"] = info
-            spec = dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
+        if row in ("from_scratch", "finetune"):
+            spec = _timed_row(config, spec, specs, results, record, budget, quick, scratch_steps, _test_dir(out, stem,
+                                                                                                          "pretrained"))
         if row not in results:
             results[row] = run_row(config, spec, record, _test_dir(out, stem, row))
-    ordered = [results[r] for r in CONTROL_ROWS if r in results]  # from_scratch brings its budget's row
+    ordered = [results[r] for r in CONTROL_ROWS if r in results]  # a timed row brings its budget's row
     sizes = class_sizes(config.dataset)
     groups, classes = size_groups(sizes), list(sizes)
     columns, table = control_table(ordered, classes, groups, budget)
@@ -172,6 +166,31 @@ def ablate_controls(config: SweepConfig, pretrained: str = "default", pretrain_m
     title = f"{paths.dataset_name(config.dataset)}: controls, model {pretrained}, fold {config.fold}"
     png = plot_rows(ordered, classes, title, out / f"{stem}.png")
     return ControlsResult(ordered, classes, groups, columns, table, csv_path, png, budget)
+
+
+def _timed_row(config: SweepConfig, spec: RowSpec, specs: dict[str, RowSpec], results: dict[str, RowResult],
+               record: Record, budget: dict, quick: bool, scratch_steps: int | None, method_test_dir: Path) -> RowSpec:
+    """``spec`` with the steps of its time budget; runs the method's row first, whose time both budgets use.
+
+    From scratch gets the method's whole cost (pretraining + probe); the fine-tune, which starts
+    from the method's finished probe, gets as long again as that probe trained.
+    """
+    if "pretrained" not in results:
+        results["pretrained"] = run_row(config, specs["pretrained"], record, method_test_dir)
+    method = results["pretrained"]
+    probe_s = method.train_seconds if not math.isnan(method.train_seconds) else method.wall_seconds
+    budget["probe_seconds"] = probe_s
+    if spec.row == "from_scratch":
+        budget["budget_seconds"] = budget["pretrain_seconds"] + probe_s
+        if scratch_steps is not None:
+            steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
+        else:
+            steps, info = timed_steps_for(config, spec, budget["budget_seconds"], record, quick, 1 if quick else 4)
+    else:
+        budget["finetune_budget_seconds"] = probe_s
+        steps, info = timed_steps_for(config, spec, probe_s, record, quick, 1 if quick else 4)
+    budget[spec.row] = info
+    return dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
 
 
 def _test_dir(out: Path, stem: str, row: str) -> Path:
@@ -193,7 +212,7 @@ def control_table(results: list[RowResult], classes: list[str], groups: dict[str
             "row": row, "description": DESCRIPTIONS.get(row, row), "model": r.spec.pretrained, "steps": r.steps,
             "pretrain_seconds": budget["pretrain_seconds"] if costs_pretraining else 0.0,
             "train_seconds": r.train_seconds, "wall_seconds": r.wall_seconds,
-            "budget_seconds": budget.get("budget_seconds", float("nan")) if row == "from_scratch" else "",
+            "budget_seconds": budget.get(_BUDGET_KEYS.get(row, ""), ""),
             **{f"dice_{c}": r.dice.get(c, float("nan")) for c in classes},
             **{f"dice_{g}": nanmean(r.dice.get(c, float("nan")) for c in members) for g, members in groups.items()},
             "dice_mean": r.mean, "test_cases": r.test_cases,

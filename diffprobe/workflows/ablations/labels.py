@@ -28,7 +28,7 @@ from diffprobe.workflows.ablations.controls import (
     QUICK_STEPS,
     SCRATCH_LR,
     prepare_model,
-    scratch_steps_for,
+    timed_steps_for,
 )
 from diffprobe.workflows.ablations.sweep import SweepConfig, ablation_dir
 from diffprobe.workflows.ablations.time_budget import pretrain_seconds
@@ -98,7 +98,7 @@ def ablate_labels(config: SweepConfig, ns: list[int], pretrained: str = "default
         if scratch_steps is not None:
             steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
         else:
-            steps, info = scratch_steps_for(config, spec, total + probe_s, record, quick, 1 if quick else 4)
+            steps, info = timed_steps_for(config, spec, total + probe_s, record, quick, 1 if quick else 4)
         budget[f"from_scratch_n{n}"] = info
         spec = dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
         runs.append((n, run_row(config, spec, record, test_dir / f"n{n}_from_scratch")))
