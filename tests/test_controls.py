@@ -156,12 +156,14 @@ def test_controls_quick_every_row_csv_png_and_resume(roots, capsys):
                    {k: v for k, v in after.items() if k != "wall_seconds"}
         assert after["wall_seconds"] not in ("", "nan")
 
-    # --rows: only the rows named (from_scratch with the method's row, its budget), every one reused here
+    # --rows trains only the rows named (from_scratch with the method's row, its budget); the table keeps
+    # every row finished earlier, and leaves out one that is not (random_init removed here)
+    shutil.rmtree(probe / "controls_random_init__tiny")
     assert main(["ablate", "controls", "-d", "1", "-m", "tiny", "--quick", "--rows", "from_scratch",
                  "no_backbone"]) == 0
     printed = capsys.readouterr()
-    assert "0 row(s) trained, 3 reused" in printed.out + printed.err
-    assert [r["row"] for r in read_csv(out / "tiny__fold_0.csv")] == ["pretrained", "no_backbone", "from_scratch"]
+    assert "0 row(s) trained, 4 reused" in printed.out + printed.err
+    assert [r["row"] for r in read_csv(out / "tiny__fold_0.csv")] == [r for r in ROWS if r != "random_init"]
     assert main(["ablate", "controls", "-d", "1", "-m", "tiny", "--quick", "--rows", "supervised"]) == 1
 
 

@@ -243,8 +243,9 @@ def controls_cmd(
     head: str = _HEAD,
     device: str = _DEVICE,
     rows: list[str] | None = typer.Option(
-        None, "--rows", help="only these rows (pretrained random_init no_backbone from_scratch finetune; default: "
-        "all); the table then lists only them. from_scratch also trains pretrained, whose time is its budget"),
+        None, "--rows", help="train only these rows (pretrained random_init no_backbone from_scratch finetune; "
+        "default: all); the table also lists the rows finished earlier. from_scratch and finetune also train "
+        "pretrained, whose time is their budget"),
 ) -> None:
     """The method vs honest controls: random-init denoiser, no backbone, from scratch (same compute), fine-tuned."""
     from diffprobe.workflows.ablations.controls import CONTROL_ROWS, SCRATCH_LR, ablate_controls
@@ -254,11 +255,16 @@ def controls_cmd(
                              scratch_lr=scratch_lr or SCRATCH_LR, rows=tuple(rows) if rows else CONTROL_ROWS)
     print_rows(f"controls, model {pretrained}, fold {config.fold}: Dice", [r["row"] for r in result.table],
                result.table, result.classes)
+    for note in result.notes:
+        console.print(f"[yellow]note[/]: {note}", highlight=False, soft_wrap=True)
     reused = sum(r.reused for r in result.rows)
     console.print(f"{len(result.rows) - reused} row(s) trained, {reused} reused; from_scratch budget: "
                   f"{_seconds(result.budget.get('budget_seconds'))} s = pretraining "
                   f"{_seconds(result.budget['pretrain_seconds'])} s ({result.budget['source']}) + probe "
                   f"{_seconds(result.budget.get('probe_seconds'))} s", highlight=False, soft_wrap=True)
+    if "finetune" in result.budget:
+        console.print(f"finetune budget: {_seconds(result.budget.get('finetune_budget_seconds'))} s (the probe's "
+                      f"time again) -> {result.budget['finetune']['steps']} steps", highlight=False, soft_wrap=True)
     console.print(f"[green]wrote[/] {result.csv}\n[green]wrote[/] {result.png}", highlight=False, soft_wrap=True)
 
 

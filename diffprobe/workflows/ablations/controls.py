@@ -66,6 +66,7 @@ class ControlsResult:
     csv: Path
     png: Path
     budget: dict
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def configuration(row: str, pretrained: str, head_suffix: str = "") -> str:
@@ -149,13 +150,20 @@ def ablate_controls(config: SweepConfig, pretrained: str = "default", pretrain_m
     total, details = pretrain_seconds(PretrainedModel(pretrained), resolve_device(config.device))
     budget = {"pretrain_seconds": total, **details}
     results: dict[str, RowResult] = {}
-    for row in [r for r in CONTROL_ROWS if r in rows]:
-        spec = specs[row]
-        if row in ("from_scratch", "finetune"):
-            spec = _timed_row(config, spec, specs, results, record, budget, quick, scratch_steps, _test_dir(out, stem,
-                                                                                                          "pretrained"))
-        if row not in results:
-            results[row] = run_row(config, spec, record, _test_dir(out, stem, row))
+    notes: list[str] = []
+    for row in [r for r in CONTROL_ROWS if r in rows or _finished(config, specs[r])]:
+        try:
+            spec = specs[row]
+            if row in ("from_scratch", "finetune"):
+                spec = _timed_row(config, spec, specs, results, record, budget, quick, scratch_steps,
+                                  _test_dir(out, stem, "pretrained"))
+            if row not in results:
+                results[row] = run_row(config, spec, record, _test_dir(out, stem, row))
+        except DiffprobeError as e:
+            if row in rows:
+                raise
+            # a row not asked for joins the table only as it is: one from other settings is left out
+            notes.append(f"the finished {row} row is left out of the table: {e}")
     ordered = [results[r] for r in CONTROL_ROWS if r in results]  # a timed row brings its budget's row
     sizes = class_sizes(config.dataset)
     groups, classes = size_groups(sizes), list(sizes)
@@ -165,7 +173,20 @@ def ablate_controls(config: SweepConfig, pretrained: str = "default", pretrain_m
     csv_path = write_csv(out / f"{stem}.csv", columns, table)
     title = f"{paths.dataset_name(config.dataset)}: controls, model {pretrained}, fold {config.fold}"
     png = plot_rows(ordered, classes, title, out / f"{stem}.png")
-    return ControlsResult(ordered, classes, groups, columns, table, csv_path, png, budget)
+    return ControlsResult(ordered, classes, groups, columns, table, csv_path, png, budget, notes)
+
+
+def _finished(config: SweepConfig, spec: RowSpec) -> bool:
+    """Whether the row's probe finished earlier: then the table shows it even when ``rows`` leaves it out.
+    A time-budgeted row counts only with the method's row finished too (its budget; never trained unasked)."""
+    from diffprobe.probe.model import ProbeFolder
+
+    def done(configuration: str) -> bool:
+        return ProbeFolder.of(config.dataset, configuration, config.fold).finished
+
+    timed = spec.row in _BUDGET_KEYS
+    return done(spec.configuration) and (not timed or done(configuration("pretrained", spec.pretrained,
+                                                                         config.head_suffix)))
 
 
 def _timed_row(config: SweepConfig, spec: RowSpec, specs: dict[str, RowSpec], results: dict[str, RowResult],
