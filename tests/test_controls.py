@@ -224,3 +224,18 @@ def test_pretrain_seconds_from_logs_or_timed(roots):
         (roots["results"] / "pretrained" / "tiny_nolog" / stage / "training_log.jsonl").unlink()
     total, info = pretrain_seconds(PretrainedModel("tiny_nolog"))
     assert info["source"].startswith("timed") and total > 0 and info["bpr_seconds"] > 0
+
+
+def test_train_finetune_warm_start_cli(roots, capsys):
+    """``diffprobe train --finetune --warm_start`` starts from the fold's frozen probe; user errors exit 1."""
+    from diffprobe.utils import read_json
+
+    assert main(["train", "-d", "1", "-f", "all", "-m", "tiny", "--finetune", "--warm_start", "--steps", "2"]) == 0
+    meta = read_json(roots["results"] / DATASET / "diffprobe" / "tiny__fpn__finetune" / "fold_all" / "probe.json")
+    assert (meta["finetune"], meta["head_init"]) == (True, "tiny__fpn")
+    capsys.readouterr()
+    assert main(["train", "-d", "1", "-f", "all", "-m", "tiny", "--warm_start", "--steps", "2"]) == 1
+    assert "--finetune" in capsys.readouterr().err
+    assert main(["train", "-d", "1", "-f", "1", "-m", "tiny", "--finetune", "--warm_start", "--steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "has not finished training" in err and "tiny__fpn" in err

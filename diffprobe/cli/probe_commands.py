@@ -16,6 +16,8 @@ def train_cmd(
     pretrained: str = typer.Option("default", "--pretrained", "-m", help="pretrained model name"),
     head: str = typer.Option("fpn", "--head", help="fpn (non-linear, vox2vec style) or linear"),
     finetune: bool = typer.Option(False, "--finetune", help="train the denoiser as well (not frozen)"),
+    warm_start: bool = typer.Option(False, "--warm_start", help="with --finetune: start the head from this fold's "
+                                    "finished frozen probe (same --pretrained and --head) instead of a fresh head"),
     device: str = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda or cuda:N"),
     resume: bool = typer.Option(False, "--c", "--continue", help="resume from checkpoint_latest (may extend steps)"),
     steps: int | None = typer.Option(None, "--steps", help="training steps (default 1000)"),
@@ -31,7 +33,7 @@ def train_cmd(
 ) -> None:
     """Train a probing head on the frozen pretrained denoiser's multi-timestep features."""
     from diffprobe.predict.validation import format_validation
-    from diffprobe.workflows.train_probe import train_probe, validate_probe
+    from diffprobe.workflows.train_probe import frozen_probe_folder, train_probe, validate_probe
 
     if validation_only:
         summary = validate_probe(dataset, fold, pretrained, head, finetune, device)
@@ -39,8 +41,9 @@ def train_cmd(
         return
 
     overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "checkpoint_every": checkpoint_every}
+    head_init = frozen_probe_folder(dataset, fold, pretrained, head, finetune) if warm_start else None
     result = train_probe(dataset, fold, pretrained, head, finetune, device, resume, overrides, timesteps or None,
-                         seed)
+                         seed, head_init=head_init)
     if result.validation:
         console.print(format_validation(result.validation), highlight=False, markup=False)
     console.print(f"[green]done[/] {result.folder}", highlight=False)

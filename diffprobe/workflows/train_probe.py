@@ -272,6 +272,13 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
     return result
 
 
+def frozen_probe_folder(dataset: str | int, fold: str, pretrained: str, head: str, finetune: bool) -> Path:
+    """The fold's frozen probe a fine-tune starts its head from (``diffprobe train --finetune --warm_start``)."""
+    if not finetune:
+        raise DiffprobeError("--warm_start starts a fine-tune from the frozen probe", fix="add --finetune")
+    return probe_dir(dataset, configuration_name(pretrained, head, False), str(parse_fold(fold)))
+
+
 def validate_probe(dataset: str | int, fold: str = "0", pretrained: str = "default", head: str = "fpn",
                    finetune: bool = False, device: str = "auto", show_progress: bool = True,
                    configuration: str | None = None) -> dict:

@@ -255,16 +255,21 @@ def plot_rows(results: list[RowResult], classes: list[str], title: str, path: Pa
     panels = [("validation", lambda r: r.dice, lambda r: r.mean)]
     if any(r.test_cases for r in results):
         panels.append(("test (imagesTs)", lambda r: r.test_dice, lambda r: r.test_mean))
-    cats = [*classes, "mean"]
-    x = np.arange(len(cats))
+
+    def scored(dice) -> list[str]:  # classes some row has a Dice for: the dataset's others would be empty bars
+        return [c for c in classes if any(math.isfinite(dice(r).get(c, float("nan"))) for r in results)]
+
+    most = max(len(scored(dice)) for _, dice, _ in panels) + 1
     width = 0.8 / max(1, len(results))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7, 1.1 * len(cats) + 2), 3.6 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7, 1.1 * most + 2), 3.8 * len(panels)), squeeze=False)
     for ax, (name, dice, mean) in zip(axes[:, 0], panels):
+        shown = scored(dice)
+        x = np.arange(len(shown) + 1)
         for i, r in enumerate(results):
-            vals = [dice(r).get(c, float("nan")) for c in classes] + [mean(r)]
+            vals = [dice(r).get(c, float("nan")) for c in shown] + [mean(r)]
             ax.bar(x - 0.4 + width * (i + 0.5), np.nan_to_num(vals, nan=0.0), width, label=r.spec.row)
         ax.set_xticks(x)
-        ax.set_xticklabels(cats, fontsize=8)
+        ax.set_xticklabels([*shown, "mean"], fontsize=8, rotation=20, ha="right")
         ax.set_ylabel(f"{name} Dice")
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
