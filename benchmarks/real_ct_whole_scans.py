@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -118,14 +119,18 @@ def main() -> None:
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.postprocessing]
     for name, postprocess in [(n, p) for n in args.names for p in modes]:
         out = work / "whole_scans" / (name if postprocess else f"{name}__npp")
-        started = time.perf_counter()
+        started, cpu0 = time.perf_counter(), os.times()
         predict(inputs, out, DATASET, name, ["all"], args.device, show_progress=False, postprocess=postprocess)
-        seconds = round(time.perf_counter() - started, 1)
+        seconds, cpu1 = round(time.perf_counter() - started, 1), os.times()
+        # the CPU seconds and the load say whether the wall seconds were this predict's alone (2 cores:
+        # ~2x the wall seconds and a load of ~2 when nothing else ran)
+        timing = {"predict_seconds_all_scans": seconds, "scans_predicted": len(args.scans),
+                  "cpu_seconds": round(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 1),
+                  "load_average": round(os.getloadavg()[0], 2)}
         preds = {s: sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{s}.nii.gz"))) for s in args.scans}
         for scan in args.scans:
             stats = {organ: organ_stats(preds[scan], spacings[scan], labels[organ], bodies[scan]) for organ in ORGANS}
-            line = {"name": name, "scan": scan, "postprocessing": postprocess, "predict_seconds_all_scans": seconds,
-                    "organs": stats}
+            line = {"name": name, "scan": scan, "postprocessing": postprocess, **timing, "organs": stats}
             with open(work / "real_ct_whole_scans.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
             print(f"\n{name} on {scan}" + ("" if postprocess else " (no postprocessing)"))
@@ -135,7 +140,8 @@ def main() -> None:
                       f"{st['z_extent_mm']:6.1f} {st['outside_body_ml']:7.2f}")
         figure = work / "whole_scans" / f"{out.name}.png"
         overlay(images, preds, spacings, labels["liver"], f"probe {out.name}: whole unlabelled real CTs", figure)
-        print(f"\n{out.name}: {seconds} s for {len(args.scans)} scans; overlay {figure}")
+        print(f"\n{out.name}: {seconds} s for {len(args.scans)} scans ({timing['cpu_seconds']} CPU s, load "
+              f"{timing['load_average']}); overlay {figure}")
 
 
 if __name__ == "__main__":
