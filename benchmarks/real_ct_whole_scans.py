@@ -37,6 +37,17 @@ from diffprobe.preprocessing.cropping import filled_body  # noqa: E402
 SCANS = ("crlm1004", "crlm1006", "pancreas001")
 
 
+def selected_inputs(inputs: Path, scans) -> Path:
+    """A fresh folder next to ``inputs`` holding links to exactly ``scans``: ``predict`` reads every image
+    of the folder it is given, and the copy cache keeps every scan an earlier run asked for."""
+    selected = inputs.parent / "selected"
+    shutil.rmtree(selected, ignore_errors=True)
+    selected.mkdir(parents=True)
+    for scan in scans:
+        os.symlink(inputs / f"{scan}_0000.nii.gz", selected / f"{scan}_0000.nii.gz")
+    return selected
+
+
 def scan_inputs(work: Path, folder: str, scans) -> tuple[dict[str, int], Path]:
     """The dataset's labels and ``<work>/<folder>/img`` holding the scans' images (copied once)."""
     labels = json.loads((work / "raw" / DATASET / "dataset.json").read_text())["labels"]
@@ -116,11 +127,12 @@ def main() -> None:
         image = sitk.ReadImage(str(inputs / f"{scan}_0000.nii.gz"))
         images[scan], spacings[scan] = sitk.GetArrayFromImage(image), image.GetSpacing()[::-1]
         bodies[scan] = filled_body(images[scan])
+    selected = selected_inputs(inputs, args.scans)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.postprocessing]
     for name, postprocess in [(n, p) for n in args.names for p in modes]:
         out = work / "whole_scans" / (name if postprocess else f"{name}__npp")
         started, cpu0 = time.perf_counter(), os.times()
-        predict(inputs, out, DATASET, name, ["all"], args.device, show_progress=False, postprocess=postprocess)
+        predict(selected, out, DATASET, name, ["all"], args.device, show_progress=False, postprocess=postprocess)
         seconds, cpu1 = round(time.perf_counter() - started, 1), os.times()
         # the CPU seconds and the load say whether the wall seconds were this predict's alone (2 cores:
         # ~2x the wall seconds and a load of ~2 when nothing else ran)

@@ -43,3 +43,19 @@ def test_outside_the_body_is_air_and_table_not_lungs():
     seg[1, 1, 1] = 1  # one in the air
     stats = organ_stats(seg, (2.0, 1.0, 1.0), 1, body)
     assert stats["outside_body_ml"] == round(3 * 2.0 / 1000, 2)
+
+
+def test_selected_inputs_hold_exactly_the_scans_asked_for(tmp_path):
+    """``--scans pancreas001`` after a run on three scans predicts one scan, not the whole copy cache
+    (it did: the seconds of three scans were read as one's)."""
+    from real_ct_whole_scans import selected_inputs
+
+    cache = tmp_path / "whole_scans" / "img"
+    cache.mkdir(parents=True)
+    for scan in ("crlm1004", "crlm1006", "pancreas001"):
+        (cache / f"{scan}_0000.nii.gz").write_bytes(scan.encode())
+    assert sorted(p.name for p in selected_inputs(cache, ["crlm1004", "crlm1006"]).iterdir()) == \
+        ["crlm1004_0000.nii.gz", "crlm1006_0000.nii.gz"]
+    selected = selected_inputs(cache, ["pancreas001"])
+    assert [p.name for p in selected.iterdir()] == ["pancreas001_0000.nii.gz"]
+    assert (selected / "pancreas001_0000.nii.gz").read_bytes() == b"pancreas001"
