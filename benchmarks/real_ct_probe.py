@@ -125,18 +125,20 @@ def main() -> None:
     cut = sitk.ReadImage(str(raw / "labelsTr" / "abdomen.nii.gz")).GetSize()[2]  # slices of the training slab
     rows: dict = {}
     if not args.score_only:
-        result = train_probe(DATASET, "all", args.pretrained, overrides=overrides, configuration=args.name,
-                             extractor=args.extractor, seed=args.seed, timesteps=args.timesteps,
-                             show_progress=False)
-        rows["fit"] = dice_row(result.folder / "validation" / "summary.json")
-        alone = work / "pred_alone" / args.name
-        predict(raw / "imagesTs", alone, DATASET, args.name, ["all"], "cpu", show_progress=False)
-        evaluate_folders(raw / "labelsTs", alone, labels, output=alone / "summary.json", show_progress=False)
-        rows["heldout_alone"] = dice_row(alone / "summary.json")
-    elif not (paths.results_root() / DATASET / paths.SUBFOLDER / args.name / "fold_all"
-              / "checkpoint_final.pt").is_file():
+        train_probe(DATASET, "all", args.pretrained, overrides=overrides, configuration=args.name,
+                        extractor=args.extractor, seed=args.seed, timesteps=args.timesteps,
+                        show_progress=False)
+    folder = paths.results_root() / DATASET / paths.SUBFOLDER / args.name / "fold_all"
+    if args.score_only and not (folder / "checkpoint_final.pt").is_file():
         sys.exit(f"--score_only: configuration {args.name} is not trained in {work}")
     train_seconds = time.perf_counter() - started
+    # also for a probe trained elsewhere (ablate controls, diffprobe train): its own final validation
+    if (folder / "validation" / "summary.json").is_file():
+        rows["fit"] = dice_row(folder / "validation" / "summary.json")
+    alone = work / "pred_alone" / args.name
+    predict(raw / "imagesTs", alone, DATASET, args.name, ["all"], "cpu", show_progress=False)
+    evaluate_folders(raw / "labelsTs", alone, labels, output=alone / "summary.json", show_progress=False)
+    rows["heldout_alone"] = dice_row(alone / "summary.json")
     rows |= score_cut_images(work, args.name, cut, args.lengths, labels, args.tta, args.precision,
                              not args.no_postprocessing)
     cpu1 = os.times()
