@@ -126,8 +126,8 @@ def main() -> None:
     rows: dict = {}
     if not args.score_only:
         train_probe(DATASET, "all", args.pretrained, overrides=overrides, configuration=args.name,
-                        extractor=args.extractor, seed=args.seed, timesteps=args.timesteps,
-                        show_progress=False)
+                    extractor=args.extractor, seed=args.seed, timesteps=args.timesteps,
+                    show_progress=False)
     folder = paths.results_root() / DATASET / paths.SUBFOLDER / args.name / "fold_all"
     if args.score_only and not (folder / "checkpoint_final.pt").is_file():
         sys.exit(f"--score_only: configuration {args.name} is not trained in {work}")
