@@ -131,6 +131,11 @@ class ProbeFolder:
         return cls(probe_dir(dataset, configuration, fold))
 
     @property
+    def configuration(self) -> str:
+        """The configuration this fold folder belongs to (``<configuration>/fold_<f>``), as ``predict -c`` names it."""
+        return self.folder.parent.name
+
+    @property
     def meta_path(self) -> Path:
         return self.folder / "probe.json"
 

@@ -220,7 +220,7 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
             "dataset_timesteps": dataset_timesteps, "extractor": extractor, "init": init,
             "levels": probe.extractor.levels, "patch_size": patch, "num_classes": num_classes, "labels": labels,
             "train_cases": train_ids, "val_cases": val_ids, "config": cfg, "seed": seed, "plans": plans,
-            "head_init": None if head_init is None else Path(head_init).parent.name}
+            "head_init": None if head_init is None else ProbeFolder(head_init).configuration}
     meta_path = folder / "probe.json"
     # rank 0 decides whether the probe exists: another rank could see the probe.json rank 0 writes below
     existed = dist_utils.main_process_value(meta_path.is_file())
