@@ -50,8 +50,9 @@ DESCRIPTIONS = {
 # A from-scratch UNet at the probe's frozen-head lr (2e-2) diverges and at the fine-tune lr (1e-4)
 # barely moves in a CPU budget; 1e-3 is AdamW's usual rate for a small GroupNorm UNet.
 SCRATCH_LR = 1e-3
-# the table's budget_seconds: the training time each time-budgeted row was given (budget dict keys)
-_BUDGET_KEYS = {"from_scratch": "budget_seconds", "finetune": "finetune_budget_seconds"}
+# The time-budgeted rows, each with the budget dict key of the training time it was given (the table's
+# budget_seconds): their steps are timed to fit, and they need the method's row first.
+_TIMED_ROWS = {"from_scratch": "budget_seconds", "finetune": "finetune_budget_seconds"}
 QUICK_STEPS = 4  # --quick: probe steps of every row, and the cap on from_scratch's
 QUICK_PRETRAIN = {"bpr_steps": 2, "diffusion_steps": 2, "num_workers": 0}
 
@@ -96,6 +97,8 @@ def timed_steps_for(config: SweepConfig, spec: RowSpec, budget_seconds: float, r
     if folder.meta_path.is_file():  # started before: keep its budget (a rerun must not change its steps)
         steps = int(folder.read_meta()["config"]["steps"])
         return steps, record.get(f"budget/{spec.configuration}", {"steps": steps, "source": "earlier run"})
+    # from-scratch rows of one model share a timing (the label sweep's rows at every n; records kept from before
+    # the fine-tune was timed); the fine-tune is timed on its own
     key = f"step_seconds/{spec.pretrained}" if spec.row == "from_scratch" else f"step_seconds/{spec.configuration}"
     if key not in record:
         record[key] = measure_step_seconds(config, spec, warm=1 if quick else 2, timed=timing_steps)
@@ -154,7 +157,7 @@ def ablate_controls(config: SweepConfig, pretrained: str = "default", pretrain_m
     for row in [r for r in CONTROL_ROWS if r in rows or _finished(config, specs[r])]:
         try:
             spec = specs[row]
-            if row in ("from_scratch", "finetune"):
+            if row in _TIMED_ROWS:
                 spec = _timed_row(config, spec, specs, results, record, budget, quick, scratch_steps,
                                   _test_dir(out, stem, "pretrained"))
             if row not in results:
@@ -184,7 +187,7 @@ def _finished(config: SweepConfig, spec: RowSpec) -> bool:
     def done(configuration: str) -> bool:
         return ProbeFolder.of(config.dataset, configuration, config.fold).finished
 
-    timed = spec.row in _BUDGET_KEYS
+    timed = spec.row in _TIMED_ROWS
     return done(spec.configuration) and (not timed or done(configuration("pretrained", spec.pretrained,
                                                                          config.head_suffix)))
 
@@ -201,15 +204,12 @@ def _timed_row(config: SweepConfig, spec: RowSpec, specs: dict[str, RowSpec], re
     method = results["pretrained"]
     probe_s = method.train_seconds if not math.isnan(method.train_seconds) else method.wall_seconds
     budget["probe_seconds"] = probe_s
-    if spec.row == "from_scratch":
-        budget["budget_seconds"] = budget["pretrain_seconds"] + probe_s
-        if scratch_steps is not None:
-            steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
-        else:
-            steps, info = timed_steps_for(config, spec, budget["budget_seconds"], record, quick, 1 if quick else 4)
+    seconds = budget["pretrain_seconds"] + probe_s if spec.row == "from_scratch" else probe_s
+    budget[_TIMED_ROWS[spec.row]] = seconds
+    if spec.row == "from_scratch" and scratch_steps is not None:
+        steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
     else:
-        budget["finetune_budget_seconds"] = probe_s
-        steps, info = timed_steps_for(config, spec, probe_s, record, quick, 1 if quick else 4)
+        steps, info = timed_steps_for(config, spec, seconds, record, quick, 1 if quick else 4)
     budget[spec.row] = info
     return dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
 
@@ -233,7 +233,7 @@ def control_table(results: list[RowResult], classes: list[str], groups: dict[str
             "row": row, "description": DESCRIPTIONS.get(row, row), "model": r.spec.pretrained, "steps": r.steps,
             "pretrain_seconds": budget["pretrain_seconds"] if costs_pretraining else 0.0,
             "train_seconds": r.train_seconds, "wall_seconds": r.wall_seconds,
-            "budget_seconds": budget.get(_BUDGET_KEYS.get(row, ""), ""),
+            "budget_seconds": budget.get(_TIMED_ROWS.get(row, ""), ""),
             **{f"dice_{c}": r.dice.get(c, float("nan")) for c in classes},
             **{f"dice_{g}": nanmean(r.dice.get(c, float("nan")) for c in members) for g, members in groups.items()},
             "dice_mean": r.mean, "test_cases": r.test_cases,
