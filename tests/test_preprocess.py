@@ -10,7 +10,7 @@ from conftest import body_volume, make_raw_dataset, write_sitk
 from diffprobe.io.image_io import read_image, read_label, write_image
 from diffprobe.preprocessing.access import preprocessed_cases
 from diffprobe.preprocessing.normalization import denormalize_ct
-from diffprobe.preprocessing.preprocess import revert_to_original
+from diffprobe.preprocessing.preprocess import revert_to_original, seg_onto_preprocessed
 from diffprobe.preprocessing.storage import load_case
 from diffprobe.workflows.plan_and_preprocess import plan_and_preprocess
 
@@ -42,6 +42,8 @@ def roundtrip(roots, direction, target_spacing=None, spacing=(0.9, 0.9, 2.5)):
     seg_back, _ = revert_to_original(seg, props, is_seg=True)
     raw_img = read_image(folder / "imagesTr" / "case0_0000.nii.gz")
     raw_lab = read_label(folder / "labelsTr" / "case0.nii.gz")
+    # the forward twin: the raw label onto the preprocessed grid is exactly what preprocessing stored
+    np.testing.assert_array_equal(seg_onto_preprocessed(raw_lab.array, props), seg)
     return img_back, seg_back, geom, raw_img, raw_lab, props
 
 
@@ -139,3 +141,14 @@ def test_raw_change_refreshes_fingerprint(roots):
     write_sitk(img, folder / "imagesTr" / "case9_0000.nii.gz")
     rep = plan_and_preprocess(5, num_processes=1, show_progress=False)
     assert not rep.fingerprint_reused and rep.processed == ["case9"]
+
+
+def test_seg_onto_preprocessed_refuses_another_grid(roots):
+    """A prediction of another scan (or one written on a resampled grid) is refused, not cropped silently."""
+    make_raw_dataset(roots["raw"])
+    plan_and_preprocess(5, num_processes=1, show_progress=False)
+    data_dir, _, _ = preprocessed_cases(5)
+    _, _, props = load_case(data_dir, "case0")
+    wrong = np.zeros([n + 1 for n in props["shape_before_crop"]], np.uint8)
+    with pytest.raises(ValueError, match="raw shape"):
+        seg_onto_preprocessed(wrong, props)

@@ -59,3 +59,29 @@ def test_selected_inputs_hold_exactly_the_scans_asked_for(tmp_path):
     selected = selected_inputs(cache, ["pancreas001"])
     assert [p.name for p in selected.iterdir()] == ["pancreas001_0000.nii.gz"]
     assert (selected / "pancreas001_0000.nii.gz").read_bytes() == b"pancreas001"
+
+
+def test_placement_offset_in_the_bpr_frame():
+    """``real_ct_placement``: an organ predicted 4 voxels (6 mm) posterior of the labelled one, inside its
+    cranio-caudal band, is 6 mm off; its voxels outside the band do not move the centroid; an organ not
+    predicted in the band has no offset."""
+    from real_ct_placement import organ_placement, reference_placement
+
+    shape = (12, 30, 30)
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+    coords = np.stack([x * 0.015, y * 0.015, z * 0.03])  # LR, AP, CC; 1.5 mm in-plane, 3 mm slices
+    hu = np.full(shape, 40.0)
+    seg = np.zeros(shape, np.uint8)
+    seg[2:4, 10:14, 10:14] = 8
+    hu[2:4, 10:14, 10:14] = 150.0
+    ref = reference_placement(seg, coords, hu, 8)
+    assert ref["median_hu"] == 150.0 and np.allclose(ref["band"], [0.06 - 0.05, 0.09 + 0.05])
+    pred = np.zeros(shape, np.uint8)
+    pred[2:4, 14:18, 10:14] = 8  # 4 voxels posterior
+    pred[10:12, 0:3, 0:3] = 8  # far outside the band (z 10-11: CC 0.30-0.33)
+    out = organ_placement(pred, coords, hu, 8, ref, voxel_ml=0.00675)
+    assert out["ap_mm"] == 6.0 and out["offset_mm"] == 6.0
+    assert out["band_ml"] == round(32 * 0.00675, 1) and out["median_hu"] == 40.0
+    assert reference_placement(seg, coords, hu, 5) is None
+    none = organ_placement(np.zeros(shape, np.uint8), coords, hu, 8, ref, voxel_ml=0.00675)
+    assert none["offset_mm"] is None and none["median_hu"] is None and none["ml"] == 0.0

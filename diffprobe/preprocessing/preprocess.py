@@ -156,6 +156,25 @@ def revert_to_original(array_zyx: np.ndarray, props: dict, is_seg: bool, fill_va
     return uncrop_to_original(x.astype(array_zyx.dtype, copy=False), props, fill_value)
 
 
+def seg_onto_preprocessed(seg_zyx: np.ndarray, props: dict, resampling: dict | None = None) -> np.ndarray:
+    """A segmentation on the raw file's grid onto the case's preprocessed grid: the forward twin of
+    :func:`revert_to_original` (canonical reorientation, the crop, the label resampling).
+
+    Why: a prediction written in the input's geometry can then be read next to anything computed on
+    the preprocessed grid (the BPR coordinate maps, the normalised image) without a second pipeline.
+    """
+    canonical = AxisMap.from_dict(props["axis_map_to_canonical"]).apply(seg_zyx)
+    if list(canonical.shape) != list(props["shape_before_crop"]):
+        raise ValueError(f"segmentation shape {list(seg_zyx.shape)} is not the case's raw shape "
+                         f"(canonical {props['shape_before_crop']})")
+    cropped = canonical[tuple(slice(lo, hi) for lo, hi in props["bbox"])]
+    out_shape = props["shape_after_resampling"]
+    if list(cropped.shape) == list(out_shape):
+        return np.ascontiguousarray(cropped)
+    return _resample(cropped[None], out_shape, props["spacing_before_resampling"], props["target_spacing"],
+                     resampling or DEFAULT_RESAMPLING, is_seg=True)[0]
+
+
 def preprocess_input(case: Case, plans: dict, dataset_name: str,
                      keep_body: bool = False) -> tuple[np.ndarray, dict]:
     """An unseen input (predict, features) read, integrity-checked and preprocessed as planned
