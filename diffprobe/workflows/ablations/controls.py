@@ -112,6 +112,23 @@ def timed_steps_for(config: SweepConfig, spec: RowSpec, budget_seconds: float, r
     return steps, info
 
 
+def probe_seconds(result: RowResult) -> float:
+    """The seconds a row's probe trained (its wall seconds where the probe recorded none): the time
+    budgets of the from-scratch and fine-tune rows are built from it."""
+    return result.train_seconds if not math.isnan(result.train_seconds) else result.wall_seconds
+
+
+def budgeted_row(config: SweepConfig, spec: RowSpec, seconds: float, record: dict, quick: bool,
+                 fixed_steps: int | None = None) -> tuple[RowSpec, dict]:
+    """``spec`` with the steps that fit ``seconds`` (or ``fixed_steps``, ``--scratch_steps``) and how they
+    were chosen: the one rule of ``ablate controls`` and ``ablate labels``."""
+    if fixed_steps is not None:
+        steps, info = int(fixed_steps), {"steps": int(fixed_steps), "source": "--scratch_steps"}
+    else:
+        steps, info = timed_steps_for(config, spec, seconds, record, quick, 1 if quick else 4)
+    return dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps}), info
+
+
 def control_specs(config: SweepConfig, pretrained: str, scratch_lr: float) -> dict[str, RowSpec]:
     sfx = config.head_suffix
     return {
@@ -201,17 +218,12 @@ def _timed_row(config: SweepConfig, spec: RowSpec, specs: dict[str, RowSpec], re
     """
     if "pretrained" not in results:
         results["pretrained"] = run_row(config, specs["pretrained"], record, method_test_dir)
-    method = results["pretrained"]
-    probe_s = method.train_seconds if not math.isnan(method.train_seconds) else method.wall_seconds
-    budget["probe_seconds"] = probe_s
+    probe_s = budget["probe_seconds"] = probe_seconds(results["pretrained"])
     seconds = budget["pretrain_seconds"] + probe_s if spec.row == "from_scratch" else probe_s
     budget[_TIMED_ROWS[spec.row]] = seconds
-    if spec.row == "from_scratch" and scratch_steps is not None:
-        steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
-    else:
-        steps, info = timed_steps_for(config, spec, seconds, record, quick, 1 if quick else 4)
-    budget[spec.row] = info
-    return dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
+    spec, budget[spec.row] = budgeted_row(config, spec, seconds, record, quick,
+                                          scratch_steps if spec.row == "from_scratch" else None)
+    return spec
 
 
 def _test_dir(out: Path, stem: str, row: str) -> Path:

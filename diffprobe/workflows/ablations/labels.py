@@ -15,7 +15,6 @@ their identifier (no RNG, and adding a case elsewhere does not reorder the other
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,9 @@ from diffprobe.workflows.ablations.controls import (
     QUICK_PRETRAIN,
     QUICK_STEPS,
     SCRATCH_LR,
+    budgeted_row,
     prepare_model,
-    timed_steps_for,
+    probe_seconds,
 )
 from diffprobe.workflows.ablations.sweep import SweepConfig, ablation_dir
 from diffprobe.workflows.ablations.time_budget import pretrain_seconds
@@ -92,15 +92,10 @@ def ablate_labels(config: SweepConfig, ns: list[int], pretrained: str = "default
         method = run_row(config, RowSpec("pretrained", pretrained, f"labels_n{n}_pretrained__{pretrained}{sfx}",
                                          train_cases=tuple(cases)), record, test_dir / f"n{n}_pretrained")
         runs.append((n, method))
-        probe_s = method.train_seconds if not math.isnan(method.train_seconds) else method.wall_seconds
         spec = RowSpec("from_scratch", pretrained, f"labels_n{n}_from_scratch__{pretrained}{sfx}",
                        init="scratch", overrides={"finetune_lr": scratch_lr}, train_cases=tuple(cases))
-        if scratch_steps is not None:
-            steps, info = int(scratch_steps), {"steps": int(scratch_steps), "source": "--scratch_steps"}
-        else:
-            steps, info = timed_steps_for(config, spec, total + probe_s, record, quick, 1 if quick else 4)
-        budget[f"from_scratch_n{n}"] = info
-        spec = dataclasses.replace(spec, overrides={**spec.overrides, "steps": steps})
+        spec, budget[f"from_scratch_n{n}"] = budgeted_row(config, spec, total + probe_seconds(method), record,
+                                                          quick, scratch_steps)
         runs.append((n, run_row(config, spec, record, test_dir / f"n{n}_from_scratch")))
     classes = list(class_sizes(config.dataset))
     columns, table = labels_table(runs, classes, budget)
