@@ -85,3 +85,23 @@ def test_placement_offset_in_the_bpr_frame():
     assert reference_placement(seg, coords, hu, 5) is None
     none = organ_placement(np.zeros(shape, np.uint8), coords, hu, 8, ref, voxel_ml=0.00675)
     assert none["offset_mm"] is None and none["median_hu"] is None and none["ml"] == 0.0
+
+
+def test_guidance_shift_offsets_only_inside_the_context(monkeypatch):
+    """``real_ct_guidance_shift``: the BPR guidance predict computes is offset per channel (LR, AP, CC) inside
+    the context and restored after it; the relabelled share counts voxels foreground in either map."""
+    import torch
+    from real_ct_guidance_shift import label_change, shifted_guidance
+
+    from diffprobe import guidance
+
+    monkeypatch.setattr(guidance, "bpr_coordinates", lambda model, data, crop: torch.zeros(3, 2, 2, 2).half())
+    mode = guidance.BprGuidance()
+    with shifted_guidance((0.1, -0.3, 1.0)):
+        shifted = mode.volume(np.zeros((1, 2, 2, 2)), (3.0, 1.5, 1.5), bpr=object(), bpr_crop=(1, 1, 1))
+    assert torch.allclose(shifted[:, 1, 1, 1], torch.tensor([0.1, -0.3, 1.0]))
+    assert torch.equal(mode.volume(np.zeros((1, 2, 2, 2)), (3.0, 1.5, 1.5), bpr=object(), bpr_crop=(1, 1, 1)),
+                       torch.zeros(3, 2, 2, 2))
+    ref = np.array([0, 0, 1, 1, 2, 2])
+    new = np.array([0, 3, 1, 2, 2, 0])  # 5 voxels foreground in either map, 3 of them changed
+    assert label_change(ref, new) == 3 / 5 and label_change(ref, ref) == 0.0
