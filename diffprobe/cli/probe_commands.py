@@ -18,6 +18,9 @@ def train_cmd(
     finetune: bool = typer.Option(False, "--finetune", help="train the denoiser as well (not frozen)"),
     warm_start: bool = typer.Option(False, "--warm_start", help="with --finetune: start the head from this fold's "
                                     "finished frozen probe (same --pretrained and --head) instead of a fresh head"),
+    with_input: bool = typer.Option(False, "--with_input", help="the head also reads the image and the guidance "
+                                    "channels (BPR coordinates), pooled to each scale; configuration "
+                                    "<pretrained>__<head>__withinput"),
     device: str = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda or cuda:N"),
     resume: bool = typer.Option(False, "--c", "--continue", help="resume from checkpoint_latest (may extend steps)"),
     steps: int | None = typer.Option(None, "--steps", help="training steps (default 1000)"),
@@ -36,12 +39,13 @@ def train_cmd(
     from diffprobe.workflows.train_probe import frozen_probe_folder, train_probe, validate_probe
 
     if validation_only:
-        summary = validate_probe(dataset, fold, pretrained, head, finetune, device)
+        summary = validate_probe(dataset, fold, pretrained, head, finetune, device, with_input=with_input)
         console.print(format_validation(summary), highlight=False, markup=False)
         return
 
-    overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "checkpoint_every": checkpoint_every}
-    head_init = frozen_probe_folder(dataset, fold, pretrained, head, finetune) if warm_start else None
+    overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "checkpoint_every": checkpoint_every,
+                 "with_input": with_input or None}
+    head_init = frozen_probe_folder(dataset, fold, pretrained, head, finetune, with_input) if warm_start else None
     result = train_probe(dataset, fold, pretrained, head, finetune, device, resume, overrides, timesteps or None,
                          seed, head_init=head_init)
     if result.validation:

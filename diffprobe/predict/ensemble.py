@@ -118,7 +118,9 @@ def group_patch_predictor(group: ProbeGroup, device: torch.device, settings: Inf
             return mean_logits([p.model.head for p in group.probes], feats, tuple(tiles.shape[2:]))
 
     group_logits = eager_logits
-    if settings.cuda_graphs and graphs_supported(device) and isinstance(group.extractor, FeatureExtractor):
+    # the graph replays features_of_noisy, which lacks the pooled input of a with_input probe
+    if (settings.cuda_graphs and graphs_supported(device) and isinstance(group.extractor, FeatureExtractor)
+            and not group.extractor.with_input):
         group_logits = GraphedGroupLogits(group.extractor, [p.model.head for p in group.probes], device,
                                           settings.dtype(device), settings.tile_batch, eager_logits)
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffprobe.diffusion import GaussianDiffusion
@@ -91,10 +92,16 @@ class FeatureExtractor(nn.Module):
         levels: decoder levels to return (default: all). The decoder stops at the finest one
             read, so reading only coarse levels skips the expensive full-resolution stages.
         trainable: fine-tuning (gradients flow into the denoiser).
+        with_input: each level also carries the clean input (image ⊕ guidance channels), average-pooled
+            to the level's stride, after the features. Why: the frozen features barely depend on the
+            guidance (shifting the BPR coordinates by 100 mm relabels 16 % of a whole scan's foreground,
+            a UNet trained from scratch on the same input 48 %), so a head on them alone cannot use
+            where a voxel is; the position the paper's guidance gives is then handed to the head
+            directly (``docs/results.md``, "The head reads the guidance too").
     """
 
     def __init__(self, denoiser: DiffusionUNet, diffusion: GaussianDiffusion, timesteps: Sequence[int],
-                 levels: Sequence[int] | None = None, trainable: bool = False) -> None:
+                 levels: Sequence[int] | None = None, trainable: bool = False, with_input: bool = False) -> None:
         super().__init__()
         if not timesteps:
             raise ValueError("at least one feature timestep is needed")
@@ -108,13 +115,16 @@ class FeatureExtractor(nn.Module):
         if not self.levels or not 0 <= self.levels[0] <= self.levels[-1] < denoiser.num_levels:
             raise ValueError(f"levels must lie in [0, {denoiser.num_levels - 1}], got {levels}")
         self.trainable = trainable
+        self.with_input = bool(with_input)
         if not trainable:
             for p in self.denoiser.parameters():
                 p.requires_grad_(False)
 
     @property
     def feature_channels(self) -> dict[str, int]:
-        return {f"dec{lv}": self.denoiser.feature_channels[f"dec{lv}"] * len(self.timesteps) for lv in self.levels}
+        extra = self.denoiser.in_channels + self.denoiser.guidance_channels if self.with_input else 0
+        return {f"dec{lv}": self.denoiser.feature_channels[f"dec{lv}"] * len(self.timesteps) + extra
+                for lv in self.levels}
 
     @property
     def feature_strides(self) -> dict[str, tuple[int, ...]]:
@@ -125,7 +135,8 @@ class FeatureExtractor(nn.Module):
         """What the features depend on besides the denoiser's weights: timesteps, levels read and the
         noise schedule. Two extractors with equal weights and equal signatures give identical features."""
         betas = self.diffusion.betas
-        return (tuple(self.timesteps), tuple(self.levels), torch.as_tensor(betas).double().cpu().numpy().tobytes())
+        return (tuple(self.timesteps), tuple(self.levels), torch.as_tensor(betas).double().cpu().numpy().tobytes(),
+                self.with_input)
 
     def network_summary(self, patch_size: Sequence[int]) -> dict:
         """The denoiser as a plans-style network dict for one tile of ``patch_size`` (``levels`` with
@@ -177,6 +188,11 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, x0: Tensor, guidance: Tensor | None, seeds: Sequence[int],
                 batched: bool = True) -> dict[str, Tensor]:
+        feats = self._denoiser_features(x0, guidance, seeds, batched)
+        return with_pooled_input(feats, x0, guidance, self.feature_strides) if self.with_input else feats
+
+    def _denoiser_features(self, x0: Tensor, guidance: Tensor | None, seeds: Sequence[int],
+                           batched: bool) -> dict[str, Tensor]:
         b, tn = x0.shape[0], len(self.timesteps)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             xt, t = self.noisy_inputs(x0, seeds)
@@ -190,6 +206,18 @@ class FeatureExtractor(nn.Module):
                 for k in per_t:
                     per_t[k].append(feats[k])
             return {k: torch.cat(v, dim=1) for k, v in per_t.items()}
+
+
+def with_pooled_input(feats: dict[str, Tensor], x0: Tensor, guidance: Tensor | None,
+                      strides: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """Each level's features ⊕ the clean input (image ⊕ guidance) average-pooled to its stride."""
+    x = x0 if guidance is None else torch.cat([x0, guidance.to(x0.dtype)], dim=1)
+    out = {}
+    for key, f in feats.items():
+        stride = strides[key]
+        pooled = x if all(s == 1 for s in stride) else F.avg_pool3d(x, stride, stride, ceil_mode=True)
+        out[key] = torch.cat([f, pooled[..., : f.shape[2], : f.shape[3], : f.shape[4]].to(f.dtype)], dim=1)
+    return out
 
 
 def _merge_timesteps(f: Tensor, b: int, tn: int) -> Tensor:

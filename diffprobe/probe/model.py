@@ -42,8 +42,8 @@ class ProbeModel(nn.Module):
         return self.head(self.extractor(x0, guidance, seeds), tuple(x0.shape[2:]))
 
 
-def configuration_name(pretrained: str, head: str, finetune: bool) -> str:
-    return f"{pretrained}__{head}" + ("__finetune" if finetune else "")
+def configuration_name(pretrained: str, head: str, finetune: bool, with_input: bool = False) -> str:
+    return f"{pretrained}__{head}" + ("__withinput" if with_input else "") + ("__finetune" if finetune else "")
 
 
 def probe_dir(dataset: str | int, configuration: str, fold: str) -> Path:
@@ -55,16 +55,20 @@ INITS = ("pretrained", "scratch")  # probe.json "init"; "scratch": the denoiser 
 
 
 def build_probe(denoiser: nn.Module, meta: dict, timesteps: list[int], levels: list[int] | None, head: str,
-                num_classes: int, width: int, finetune: bool, extractor: str = "denoiser") -> ProbeModel:
-    """Head on the denoiser's features, or (``extractor="input"``) on the input pooled to the
-    denoiser's scales (:class:`~diffprobe.probe.input_features.InputFeatures`; weights unused)."""
+                num_classes: int, width: int, finetune: bool, extractor: str = "denoiser",
+                with_input: bool = False) -> ProbeModel:
+    """Head on the denoiser's features (``with_input``: ⊕ the pooled input, probe setting ``with_input``),
+    or (``extractor="input"``) on the input pooled to the denoiser's scales
+    (:class:`~diffprobe.probe.input_features.InputFeatures`; weights unused)."""
+    if extractor == "input" and with_input:
+        raise ValueError("with_input adds the input to the denoiser's features; the input extractor has it already")
     if extractor == "input":
         from diffprobe.probe.input_features import InputFeatures
 
         features: nn.Module = InputFeatures.like(denoiser, levels)
     elif extractor == "denoiser":
         diffusion = GaussianDiffusion.from_plans(meta["plans"])
-        features = FeatureExtractor(denoiser, diffusion, timesteps, levels, trainable=finetune)
+        features = FeatureExtractor(denoiser, diffusion, timesteps, levels, trainable=finetune, with_input=with_input)
     else:
         raise ValueError(f"extractor must be one of {EXTRACTORS}, got {extractor!r}")
     return ProbeModel(features, build_head(head, features.feature_channels, num_classes, width))
@@ -189,7 +193,8 @@ def load_trained_probe(folder: Path, device: str | torch.device = "cpu") -> Trai
     # a from-scratch probe's checkpoint holds the whole network; the input extractor only needs the scales
     denoiser = pretrained.load_denoiser(device) if uses_weights else pretrained.build_denoiser().to(device).eval()
     model = build_probe(denoiser, pretrained.meta, meta["timesteps"], meta["levels"], meta["head"],
-                        meta["num_classes"], meta["config"]["width"], meta["finetune"], extractor)
+                        meta["num_classes"], meta["config"]["width"], meta["finetune"], extractor,
+                        bool(meta["config"].get("with_input", False)))
     ckpt = load_checkpoint(probe_folder.checkpoint, device)
     load_state_checked(model if meta["finetune"] else model.head, ckpt.get("model"), probe_folder.checkpoint,
                        "diffprobe train")

@@ -41,8 +41,9 @@ def warm_start_head(probe: ProbeModel, source: Path, meta: dict, device: str | t
         raise DiffprobeError("the probe to start the fine-tune from is not a frozen probe on pretrained weights",
                              folder.meta_path, "name the method's frozen probe (diffprobe train without --finetune)")
     changed = [k for k in _MUST_MATCH if found.get(k) != meta.get(k)]
-    if found["config"]["width"] != meta["config"]["width"]:
-        changed.append("width")
+    for key, default in (("width", None), ("with_input", False)):
+        if found["config"].get(key, default) != meta["config"].get(key, default):
+            changed.append(key)
     if changed:
         raise DiffprobeError(f"the probe to start the fine-tune from differs in {', '.join(changed)}",
                              folder.meta_path, "start from a frozen probe trained with the same settings")

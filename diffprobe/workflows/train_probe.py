@@ -50,7 +50,7 @@ PROBE_DEFAULTS: dict[str, Any] = {
     "steps": 1000, "batch_size": 2, "lr": 2e-2, "finetune_lr": 1e-4, "width": 32, "warmup_steps": 20,
     "checkpoint_every": 100, "validate_every": 100, "val_patches": 8, "oversample_foreground": 0.5,
     "levels": None, "pool_patches": 64, "pool_refresh": 250, "pool_gb": 4.0, "guidance_shift": 0.0,
-    "augment": 0.0, "intensity_augment": 0.0, "thin_padding": "mirror",
+    "augment": 0.0, "intensity_augment": 0.0, "thin_padding": "mirror", "with_input": False,
 }
 PLANNED_KEYS = ("steps", "lr", "width", "batch_size")
 
@@ -210,10 +210,11 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
     patch = model.plans.patch_size
     torch.manual_seed(seed)  # the head's initialisation: same seed, same probe
     probe = build_probe(denoiser, pmeta, timesteps, cfg["levels"], head, num_classes, cfg["width"], finetune,
-                        extractor)
+                        extractor, bool(cfg["with_input"]))
     probe = probe.to(dev)
 
-    folder = probe_dir(dataset, configuration or configuration_name(pretrained, head, finetune), str(fold))
+    default_name = configuration_name(pretrained, head, finetune, bool(cfg["with_input"]))
+    folder = probe_dir(dataset, configuration or default_name, str(fold))
     meta = {"format": PROBE_FORMAT, "diffprobe_version": __version__, "dataset": data_dir.parent.parent.name,
             "fold": str(fold), "pretrained": pretrained, "pretrained_checksum": model.checksum(),
             "guidance": pmeta["guidance"], "head": head, "finetune": finetune, "timesteps": timesteps,
@@ -232,6 +233,8 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
                 "head_init")
         defaults = {"extractor": "denoiser", "init": "pretrained"}  # probe.json written before these keys
         changed = [k for k in keys if old.get(k, defaults.get(k)) != meta[k]]
+        if bool(old["config"].get("with_input", False)) != bool(cfg["with_input"]):  # another head input width
+            changed.append("with_input")
         if changed:
             raise DiffprobeError(f"--c with different {', '.join(changed)} than the original run", meta_path,
                                  "use the original settings, or train into a fresh folder")
@@ -272,22 +275,24 @@ def train_probe(dataset: str | int, fold: str = "0", pretrained: str = "default"
     return result
 
 
-def frozen_probe_folder(dataset: str | int, fold: str, pretrained: str, head: str, finetune: bool) -> Path:
+def frozen_probe_folder(dataset: str | int, fold: str, pretrained: str, head: str, finetune: bool,
+                        with_input: bool = False) -> Path:
     """The fold's frozen probe a fine-tune starts its head from (``diffprobe train --finetune --warm_start``)."""
     if not finetune:
         raise DiffprobeError("--warm_start starts a fine-tune from the frozen probe", fix="add --finetune")
-    return probe_dir(dataset, configuration_name(pretrained, head, False), str(parse_fold(fold)))
+    return probe_dir(dataset, configuration_name(pretrained, head, False, with_input), str(parse_fold(fold)))
 
 
 def validate_probe(dataset: str | int, fold: str = "0", pretrained: str = "default", head: str = "fpn",
                    finetune: bool = False, device: str = "auto", show_progress: bool = True,
-                   configuration: str | None = None) -> dict:
+                   configuration: str | None = None, with_input: bool = False) -> dict:
     """The final validation of a finished probe again (nnU-Net's ``--val``): ``validation/summary.json``
     and the fold's largest-component decision ``postprocessing.json``, e.g. for a probe trained before
     that decision existed. No training step runs."""
     from diffprobe.predict.validation import validate_fold
 
-    folder = probe_dir(dataset, configuration or configuration_name(pretrained, head, finetune), str(parse_fold(fold)))
+    folder = probe_dir(dataset, configuration or configuration_name(pretrained, head, finetune, with_input),
+                       str(parse_fold(fold)))
     probe_folder = ProbeFolder(folder)
     if not probe_folder.finished:
         raise DiffprobeError("no finished probe to validate", folder,
