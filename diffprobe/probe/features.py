@@ -22,11 +22,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffprobe.diffusion import GaussianDiffusion
 from diffprobe.models import DiffusionUNet
+from diffprobe.probe.input_features import input_stack, pool_to_strides
 
 
 def patch_seed(identifier: str, start: Sequence[int]) -> int:
@@ -210,14 +210,11 @@ class FeatureExtractor(nn.Module):
 
 def with_pooled_input(feats: dict[str, Tensor], x0: Tensor, guidance: Tensor | None,
                       strides: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
-    """Each level's features ⊕ the clean input (image ⊕ guidance) average-pooled to its stride."""
-    x = x0 if guidance is None else torch.cat([x0, guidance.to(x0.dtype)], dim=1)
-    out = {}
-    for key, f in feats.items():
-        stride = strides[key]
-        pooled = x if all(s == 1 for s in stride) else F.avg_pool3d(x, stride, stride, ceil_mode=True)
-        out[key] = torch.cat([f, pooled[..., : f.shape[2], : f.shape[3], : f.shape[4]].to(f.dtype)], dim=1)
-    return out
+    """Each level's features ⊕ the clean input (image ⊕ guidance) average-pooled to its stride, as the
+    no-backbone control reads it (:mod:`diffprobe.probe.input_features`)."""
+    pooled = pool_to_strides(input_stack(x0, guidance), {key: strides[key] for key in feats})
+    return {key: torch.cat([f, pooled[key][..., : f.shape[2], : f.shape[3], : f.shape[4]].to(f.dtype)], dim=1)
+            for key, f in feats.items()}
 
 
 def _merge_timesteps(f: Tensor, b: int, tn: int) -> Tensor:

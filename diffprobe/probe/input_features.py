@@ -32,12 +32,22 @@ class InputPyramid(nn.Module):
         self.strides = {k: tuple(int(s) for s in v) for k, v in strides.items()}
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        out = {}
-        for key, stride in self.strides.items():
-            # ceil_mode: a partial window at the border still gives an output voxel, so the sizes are
-            # ceil(size / stride) like the pool's byte estimate (and the decoder's on divisible sizes)
-            out[key] = x if all(s == 1 for s in stride) else F.avg_pool3d(x, stride, stride, ceil_mode=True)
-        return out
+        return pool_to_strides(x, self.strides)
+
+
+def pool_to_strides(x: Tensor, strides: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """``{key: average pool of x with stride}``; stride 1 everywhere is x itself."""
+    out = {}
+    for key, stride in strides.items():
+        # ceil_mode: a partial window at the border still gives an output voxel, so the sizes are
+        # ceil(size / stride) like the pool's byte estimate (and the decoder's on divisible sizes)
+        out[key] = x if all(s == 1 for s in stride) else F.avg_pool3d(x, stride, stride, ceil_mode=True)
+    return out
+
+
+def input_stack(x0: Tensor, guidance: Tensor | None) -> Tensor:
+    """The clean input as the head may read it: image ⊕ guidance channels (in the image's dtype)."""
+    return x0 if guidance is None else torch.cat([x0, guidance.to(x0.dtype)], dim=1)
 
 
 class InputFeatures(nn.Module):
@@ -94,11 +104,7 @@ class InputFeatures(nn.Module):
         """``seeds`` and ``batched`` are accepted for FeatureExtractor's interface and unused (no noise)."""
         if x0.dim() != 5 or x0.shape[1] != self.in_channels:
             raise ValueError(f"x0 must be (B, {self.in_channels}, z, y, x), got {tuple(x0.shape)}")
-        if self.guidance_channels:
-            if guidance is None or guidance.shape[1] != self.guidance_channels:
-                raise ValueError(f"this extractor needs {self.guidance_channels} guidance channels")
-            x = torch.cat([x0, guidance.to(x0.dtype)], dim=1)
-        else:
-            x = x0
-        return self.denoiser(x)
+        if self.guidance_channels and (guidance is None or guidance.shape[1] != self.guidance_channels):
+            raise ValueError(f"this extractor needs {self.guidance_channels} guidance channels")
+        return self.denoiser(input_stack(x0, guidance if self.guidance_channels else None))
 
