@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import locale
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -98,11 +99,24 @@ def phantom_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return roots
 
 
+def set_roots(roots: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Point DIFFPROBE_RAW / _PREPROCESSED / _RESULTS at ``roots`` for one test; returns ``roots``."""
+    for kind, folder in roots.items():
+        monkeypatch.setenv(f"DIFFPROBE_{kind.upper()}", str(folder))
+    return roots
+
+
+def copy_roots(roots: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, name: str) -> dict[str, Path]:
+    """A private copy of a session fixture's roots, for a test module that adds models or probes there."""
+    base = tmp_path_factory.mktemp(name)
+    for kind, folder in roots.items():
+        shutil.copytree(folder, base / kind)
+    return {kind: base / kind for kind in roots}
+
+
 @pytest.fixture
 def use_phantom_roots(phantom_roots, monkeypatch) -> dict[str, Path]:
-    for k, v in phantom_roots.items():
-        monkeypatch.setenv(f"DIFFPROBE_{k.upper()}", str(v))
-    return phantom_roots
+    return set_roots(phantom_roots, monkeypatch)
 
 
 @pytest.fixture(scope="session")
@@ -145,8 +159,7 @@ def use_trained_probe_roots(trained_probe_roots, monkeypatch):
     """trained_probe_roots as the data roots (nnU-Net fallbacks cleared), torch on one thread."""
     import torch
 
-    for k, v in trained_probe_roots.items():
-        monkeypatch.setenv(f"DIFFPROBE_{k.upper()}", str(v))
+    set_roots(trained_probe_roots, monkeypatch)
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.delenv(var, raising=False)
     old_threads = torch.get_num_threads()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import copy_roots, set_roots
 
 from diffprobe.cli.app import main
 from diffprobe.errors import DiffprobeError
@@ -23,18 +23,13 @@ TINY_PRETRAIN = {"bpr_steps": 2, "diffusion_steps": 2, "num_workers": 0}
 
 @pytest.fixture(scope="module")
 def _ablation_copy(trained_probe_roots, tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("ablation_roots")
-    for kind, folder in trained_probe_roots.items():
-        shutil.copytree(folder, base / kind)
-    return {kind: base / kind for kind in trained_probe_roots}
+    return copy_roots(trained_probe_roots, tmp_path_factory, "ablation_roots")
 
 
 @pytest.fixture
 def ablation_roots(use_trained_probe_roots, _ablation_copy, monkeypatch) -> dict[str, Path]:
     """use_trained_probe_roots (one torch thread, nnU-Net variables cleared), redirected to a private copy."""
-    for kind, folder in _ablation_copy.items():
-        monkeypatch.setenv(f"DIFFPROBE_{kind.upper()}", str(folder))
-    return _ablation_copy
+    return set_roots(_ablation_copy, monkeypatch)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

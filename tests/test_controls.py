@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_roots, set_roots
 
 from diffprobe.cli.app import main
 
@@ -21,17 +22,12 @@ ROWS = ["pretrained", "random_init", "no_backbone", "from_scratch", "finetune"]
 
 @pytest.fixture(scope="module")
 def _controls_copy(trained_probe_roots, tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("controls_roots")
-    for kind, folder in trained_probe_roots.items():
-        shutil.copytree(folder, base / kind)
-    return {kind: base / kind for kind in trained_probe_roots}
+    return copy_roots(trained_probe_roots, tmp_path_factory, "controls_roots")
 
 
 @pytest.fixture
 def roots(use_trained_probe_roots, _controls_copy, monkeypatch) -> dict[str, Path]:
-    for kind, folder in _controls_copy.items():
-        monkeypatch.setenv(f"DIFFPROBE_{kind.upper()}", str(folder))
-    return _controls_copy
+    return set_roots(_controls_copy, monkeypatch)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -5,12 +5,12 @@ On a private copy of ``trained_probe_roots`` (tiny phantoms, pretrained model 't
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import copy_roots, set_roots
 
 from diffprobe.cli.app import main
 
@@ -19,17 +19,12 @@ DATASET = "Dataset001_Phantoms"
 
 @pytest.fixture(scope="module")
 def _copy(trained_probe_roots, tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("with_input_roots")
-    for kind, folder in trained_probe_roots.items():
-        shutil.copytree(folder, base / kind)
-    return {kind: base / kind for kind in trained_probe_roots}
+    return copy_roots(trained_probe_roots, tmp_path_factory, "with_input_roots")
 
 
 @pytest.fixture
 def roots(use_trained_probe_roots, _copy, monkeypatch) -> dict[str, Path]:
-    for kind, folder in _copy.items():
-        monkeypatch.setenv(f"DIFFPROBE_{kind.upper()}", str(folder))
-    return _copy
+    return set_roots(_copy, monkeypatch)
 
 
 def test_features_with_input_are_the_features_then_the_pooled_input(roots):
