@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,27 +39,22 @@ def label_change(reference: np.ndarray, shifted: np.ndarray) -> float:
     return float((reference != shifted)[union].mean()) if union.any() else 0.0
 
 
-def shifted_guidance(offsets: tuple[float, float, float]):
-    """A context manager: ``BprGuidance.volume`` returns the coordinates plus ``offsets`` (LR, AP, CC)."""
-    from contextlib import contextmanager
-
+@contextmanager
+def shifted_guidance(offsets: tuple[float, float, float]) -> Iterator[None]:
+    """Inside: ``BprGuidance.volume`` returns the coordinates plus ``offsets`` (LR, AP, CC)."""
     from diffprobe import guidance
 
-    @contextmanager
-    def patched():
-        original = guidance.BprGuidance.volume
+    original = guidance.BprGuidance.volume
 
-        def volume(self, data, spacing, bpr=None, bpr_crop=None):
-            coords = original(self, data, spacing, bpr, bpr_crop)
-            return coords + coords.new_tensor(offsets).view(3, *([1] * (coords.dim() - 1)))
+    def volume(self, data, spacing, bpr=None, bpr_crop=None):
+        coords = original(self, data, spacing, bpr, bpr_crop)
+        return coords + coords.new_tensor(offsets).view(3, *([1] * (coords.dim() - 1)))
 
-        guidance.BprGuidance.volume = volume
-        try:
-            yield
-        finally:
-            guidance.BprGuidance.volume = original
-
-    return patched()
+    guidance.BprGuidance.volume = volume
+    try:
+        yield
+    finally:
+        guidance.BprGuidance.volume = original
 
 
 def main() -> None:

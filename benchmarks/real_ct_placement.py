@@ -33,8 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_ct import DATASET, ORGANS, use_work_roots  # noqa: E402
+from real_ct_whole_scans import SCANS  # noqa: E402
 
-SCANS = ("crlm1004", "crlm1006", "pancreas001")
+from diffprobe.preprocessing.storage import load_array  # noqa: E402
+
 MM_PER_UNIT = 100.0  # BPR_SCALE_PER_MM = 0.01
 BAND_MARGIN = 0.05  # CC units (5 mm) added to each side of the labelled organ's band
 
@@ -71,8 +73,6 @@ def organ_placement(pred: np.ndarray, coords: np.ndarray, hu: np.ndarray, label:
 
 def _volume(path: Path) -> np.ndarray:
     """A preprocessed array without its channel axis (data and seg files)."""
-    from diffprobe.preprocessing.storage import load_array
-
     arr = load_array(path)
     return arr[0] if arr.ndim == 4 else arr
 
@@ -101,8 +101,6 @@ def main() -> None:
     labels = json.loads((work / "raw" / DATASET / "dataset.json").read_text())["labels"]
 
     def case(identifier: str) -> tuple[np.ndarray, np.ndarray]:
-        from diffprobe.preprocessing.storage import load_array
-
         coords = load_array(maps / f"{identifier}.b2nd").astype(np.float32)  # (3, z, y, x)
         return coords, denormalize_ct(_volume(data / f"{identifier}.b2nd"), norm)
 
