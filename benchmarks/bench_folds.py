@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import run_measured  # noqa: E402
+from bench_predict_support import first_images  # noqa: E402
 
 DATASET_ID = 903
 DATASET_NAME = f"Dataset{DATASET_ID}_BenchFolds"
@@ -92,15 +93,7 @@ def ensure_folds(args: argparse.Namespace) -> str:
 
 
 def inputs_folder(work: Path, cases: int) -> Path:
-    raw = work / "raw" / DATASET_NAME
-    images = sorted((raw / "imagesTr").glob("*_0000.nii.gz")) + sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
-    folder = work / "inputs" / f"cases{cases}"
-    if not folder.is_dir() or len(list(folder.iterdir())) != min(cases, len(images)):
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        for img in images[:cases]:
-            shutil.copyfile(img, folder / img.name)
-    return folder
+    return first_images(work / "raw" / DATASET_NAME, work / "inputs" / f"cases{cases}", cases)
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -46,6 +46,7 @@ from bench_predict import (  # noqa: E402
     ensure_volume,
     roots_env,
 )
+from bench_predict_support import first_images  # noqa: E402
 
 PHASES = ("preprocess_s", "guidance_s", "window_s", "argmax_s", "export_s")
 
@@ -62,15 +63,7 @@ def settings_table():
 
 
 def phantom_inputs(work: Path, cases: int) -> Path:
-    raw = work / "raw" / DATASET_NAME
-    images = sorted((raw / "imagesTr").glob("*_0000.nii.gz")) + sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
-    folder = work / "inputs" / f"phantoms{cases}"
-    if not folder.is_dir() or len(list(folder.iterdir())) != min(cases, len(images)):
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        for img in images[:cases]:
-            shutil.copyfile(img, folder / img.name)
-    return folder
+    return first_images(work / "raw" / DATASET_NAME, work / "inputs" / f"phantoms{cases}", cases)
 
 
 def main() -> None:

@@ -53,6 +53,21 @@ def ensure_volume(name: str, work: Path) -> tuple[Path, dict]:
                     "spacing_zyx_mm": [round(s, 3) for s in reader.GetSpacing()][::-1]}
 
 
+def first_images(raw: Path, folder: Path, cases: int) -> Path:
+    """``folder`` holding copies of the first ``cases`` images of a raw dataset (imagesTr, then imagesTs).
+
+    Rebuilt when it holds another number of images, so a run with another ``--cases`` never predicts
+    a stale set.
+    """
+    images = sorted((raw / "imagesTr").glob("*_0000.nii.gz")) + sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
+    if not folder.is_dir() or len(list(folder.iterdir())) != min(cases, len(images)):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for img in images[:cases]:
+            shutil.copyfile(img, folder / img.name)
+    return folder
+
+
 def estimate_seconds(output: str) -> dict:
     """A killed run's time, extrapolated from its last progress line: time to the sliding window +
     window time so far x total tiles / tiles done (the resampling and writing after it are left out);
