@@ -11,7 +11,7 @@ from diffprobe.diffusion import GaussianDiffusion
 from diffprobe.errors import DiffprobeError
 from diffprobe.models import DiffusionUNet
 from diffprobe.probe.features import FeatureExtractor, patch_seed
-from diffprobe.probe.head import FPNHead, LinearHead
+from diffprobe.probe.head import FPNHead, LinearHead, build_head
 from diffprobe.probe.losses import dice_per_class, segmentation_loss
 
 LEVELS = [
@@ -80,6 +80,45 @@ def test_heads_output_shapes_and_linear_head_is_linear(extractor):
         torch.testing.assert_close(lin(both, (8, 16, 16)),
                                    lin(feats, (8, 16, 16)) + lin(other, (8, 16, 16)) - lin(zero, (8, 16, 16)),
                                    atol=1e-4, rtol=1e-4)
+
+
+def _one_coarse_voxel_changed(feats: dict) -> dict:
+    """The features with one voxel of the coarsest level raised (its corner), the rest unchanged."""
+    coarse = max(feats, key=lambda k: int(k[3:]))
+    changed = {k: v.clone() for k, v in feats.items()}
+    changed[coarse][:, :, 0, 0, 0] += 5.0
+    return changed
+
+
+@pytest.mark.parametrize("kind", ["fpn", "context"])
+def test_context_head_reads_neighbours_the_fpn_head_does_not(extractor, kind):
+    """A change at one coarse voxel moves the logits only under it for ``fpn`` (pointwise, then trilinear
+    upsampling), and also its neighbours' for ``context`` (3x3x3 blocks below the finest level)."""
+    x0, guide = _inputs()
+    with torch.no_grad():
+        feats = extractor(x0, guide, [1, 2])
+        torch.manual_seed(0)
+        head = build_head(kind, extractor.feature_channels, 3, width=8).eval()
+        delta = (head(_one_coarse_voxel_changed(feats), (8, 16, 16)) - head(feats, (8, 16, 16))).abs()
+    moved = delta.amax(dim=(0, 1)) > 1e-5  # (z, y, x) of the output
+    coarse_voxel = (8 // 4, 16 // 4, 16 // 4)  # dec2's stride is (2, 4, 4); its voxel 0 covers this corner
+    # trilinear upsampling (align_corners=False) spreads one coarse voxel over at most 1.5 of its cells
+    assert moved[: coarse_voxel[0] * 3 // 2, : coarse_voxel[1] * 3 // 2, : coarse_voxel[2] * 3 // 2].any()
+    beyond = moved[coarse_voxel[0] * 2:, coarse_voxel[1] * 2:, coarse_voxel[2] * 2:].any()
+    assert bool(beyond) == (kind == "context")
+    finest = min(feats, key=lambda k: int(k[3:]))
+    assert all(m.kernel_size == (1, 1, 1) for m in head.lateral[finest].modules() if isinstance(m, torch.nn.Conv3d))
+    assert head(feats, (8, 16, 16)).shape == (2, 3, 8, 16, 16)
+
+
+def test_context_head_loads_an_fpn_heads_names():
+    """Same parameter names as ``fpn`` (only the coarse blocks' kernels differ): one probe format for both."""
+    channels = {"dec0": 6, "dec1": 12}
+    fpn, context = build_head("fpn", channels, 3), build_head("context", channels, 3)
+    assert list(fpn.state_dict()) == list(context.state_dict())
+    shapes = {k: v.shape for k, v in context.state_dict().items()}
+    assert shapes["merge.dec0.conv.weight"][2:] == (1, 1, 1)
+    assert shapes["lateral.dec1.2.conv.weight"][2:] == (3, 3, 3)
 
 
 def test_head_training_loss_decreases(extractor):
@@ -229,3 +268,19 @@ def test_train_cli_writes_validation_summary(use_trained_probe_roots):
     assert json.loads((folder / "postprocessing.json").read_text()) == decision
     assert (folder / "checkpoint_final.pt").stat().st_mtime_ns == mtime
     assert main(["train", "-d", "1", "-f", "1", "-m", "tiny", "--head", "linear", "--val"]) == 1  # never trained
+
+
+def test_train_cli_context_head_trains_and_predicts(use_trained_probe_roots, tmp_path):
+    """``--head context``: its own configuration folder; predict rebuilds the head from probe.json."""
+    from diffprobe.cli.app import main
+    from diffprobe.probe.model import load_trained_probe, probe_dir
+
+    assert main(["train", "-d", "1", "-f", "0", "-m", "tiny", "--steps", "2", "--head", "context"]) == 0
+    folder = probe_dir(1, "tiny__context", "0")
+    assert json.loads((folder / "probe.json").read_text())["head"] == "context"
+    head = load_trained_probe(folder).model.head
+    assert any(m.kernel_size == (3, 3, 3) for m in head.modules() if isinstance(m, torch.nn.Conv3d))
+    images = use_trained_probe_roots["raw"] / "Dataset001_Phantoms" / "imagesTs"
+    assert main(["predict", "-i", str(images), "-o", str(tmp_path / "segs"), "-d", "1", "-c", "tiny__context",
+                 "-f", "0", "-device", "cpu"]) == 0
+    assert len(list((tmp_path / "segs").glob("*.nii.gz"))) == len(list(images.glob("*_0000.nii.gz")))

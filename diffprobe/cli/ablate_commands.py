@@ -64,7 +64,7 @@ _DATASET = typer.Option(..., "-d", "--dataset", help="dataset id (1, 001 or Data
 _FOLD = typer.Option("0", "-f", "--fold", help="fold whose validation cases score the probes (0-4 or all)")
 _STEPS = typer.Option(None, "--steps", help="probe training steps per run (default: the probe's, the plans' "
                       "training.probe.steps: 1000 for the tiny and cpu size classes)")
-_HEAD = typer.Option("fpn", "--head", help="probe head: fpn or linear")
+_HEAD = typer.Option("fpn", "--head", help="probe head: fpn, context or linear")
 _DEVICE = typer.Option("auto", "-device", "--device", help="auto, cpu, cuda or cuda:N")
 _MODELS = typer.Option(None, "--models", help="pretrained model names to compare (repeat --models per name)")
 _PRETRAIN = typer.Option(False, "--pretrain", help="first pretrain the ablation's own models that are missing")

@@ -14,7 +14,8 @@ def train_cmd(
     dataset: str = typer.Option(..., "-d", "--dataset", help="dataset id (1, 001 or Dataset001_Name)"),
     fold: str = typer.Option("0", "-f", "--fold", help="fold 0-4 (5-fold split like nnU-Net) or all"),
     pretrained: str = typer.Option("default", "--pretrained", "-m", help="pretrained model name"),
-    head: str = typer.Option("fpn", "--head", help="fpn (non-linear, vox2vec style) or linear"),
+    head: str = typer.Option("fpn", "--head", help="fpn (non-linear, vox2vec style), context (fpn with "
+                             "3x3x3 blocks below the finest level) or linear"),
     finetune: bool = typer.Option(False, "--finetune", help="train the denoiser as well (not frozen)"),
     warm_start: bool = typer.Option(False, "--warm_start", help="with --finetune: start the head from this fold's "
                                     "finished frozen probe (same --pretrained and --head) instead of a fresh head"),

@@ -14,6 +14,14 @@ real CT (48 fixed training patches, 300 steps): training-patch Dice 0.12 -> 0.20
 guidance channels, 0.11 -> 0.13 on the tiny denoiser's features. At inference the running
 statistics are used: a voxel's logits do not depend on the rest of its tile.
 
+``context``: the ``fpn`` head whose blocks at every level but the finest are 3x3x3 residual
+convolutions (replicate padding) instead of pointwise ones. Why: a pointwise head can only re-weigh what
+each voxel's features already say; on other patients' scans the frozen probe puts the aorta on the
+vertebral body, which is as bright as the aorta in the labelled slab (``docs/results.md``, "The aorta on
+the spine"). This head lets the decision read the neighbourhood (at the coarsest, stride-8 level two
+blocks see +-16 voxels), to test whether the features carry the context a pointwise head cannot combine.
+The finest level stays pointwise: there a 3x3x3 block would cost about as much as the rest of the head.
+
 ``linear``: linear probing — per scale a 1x1x1 convolution to the classes, upsampled
 (trilinear, itself linear) to the input resolution and summed: the logits are a linear
 function of the features.
@@ -24,7 +32,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HEADS = ("fpn", "linear")
+HEADS = ("fpn", "context", "linear")
 
 
 def _norm(channels: int) -> nn.Module:
@@ -33,30 +41,38 @@ def _norm(channels: int) -> nn.Module:
 
 
 class PointwiseBlock(nn.Module):
-    """x + 1x1x1 conv(SiLU(BatchNorm(x))): a residual MLP applied at every voxel."""
+    """x + conv(SiLU(BatchNorm(x))): with ``kernel`` 1 (default) a residual MLP applied at every voxel;
+    with 3 a residual 3x3x3 convolution (replicate padding: a tile's border sees its own edge, not zeros)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, kernel: int = 1) -> None:
         super().__init__()
         self.norm = _norm(channels)
-        self.conv = nn.Conv3d(channels, channels, 1)
+        self.conv = (nn.Conv3d(channels, channels, 1) if kernel == 1 else
+                     nn.Conv3d(channels, channels, kernel, padding=kernel // 2, padding_mode="replicate"))
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv(F.silu(self.norm(x)))
 
 
 class FPNHead(nn.Module):
-    """Features ``{"dec{l}": (B, C_l, ...)}`` -> logits (B, K, *output size)."""
+    """Features ``{"dec{l}": (B, C_l, ...)}`` -> logits (B, K, *output size).
 
-    def __init__(self, feature_channels: dict[str, int], num_classes: int, width: int = 32, blocks: int = 1) -> None:
+    ``context_kernel`` > 1: the blocks of every level but the finest read are that size (the ``context`` head).
+    """
+
+    def __init__(self, feature_channels: dict[str, int], num_classes: int, width: int = 32, blocks: int = 1,
+                 context_kernel: int = 1) -> None:
         super().__init__()
         self.keys = sorted(feature_channels, key=lambda k: int(k[3:]))  # fine -> coarse
+        kernel = {k: 1 if i == 0 else context_kernel for i, k in enumerate(self.keys)}
         # normalising the raw features: the denoiser's taps differ in scale between levels and
         # timesteps; normalised, one learning rate fits every scale
         self.lateral = nn.ModuleDict({
             k: nn.Sequential(_norm(feature_channels[k]),
-                             nn.Conv3d(feature_channels[k], width, 1), *[PointwiseBlock(width) for _ in range(blocks)])
+                             nn.Conv3d(feature_channels[k], width, 1),
+                             *[PointwiseBlock(width, kernel[k]) for _ in range(blocks)])
             for k in self.keys})
-        self.merge = nn.ModuleDict({k: PointwiseBlock(width) for k in self.keys[:-1]})
+        self.merge = nn.ModuleDict({k: PointwiseBlock(width, kernel[k]) for k in self.keys[:-1]})
         self.out = nn.Sequential(_norm(width), nn.SiLU(), nn.Conv3d(width, num_classes, 1))
 
     def forward(self, features: dict[str, Tensor], output_size: tuple[int, ...]) -> Tensor:
@@ -90,6 +106,8 @@ class LinearHead(nn.Module):
 def build_head(kind: str, feature_channels: dict[str, int], num_classes: int, width: int = 32) -> nn.Module:
     if kind == "fpn":
         return FPNHead(feature_channels, num_classes, width)
+    if kind == "context":
+        return FPNHead(feature_channels, num_classes, width, context_kernel=3)
     if kind == "linear":
         return LinearHead(feature_channels, num_classes)
     raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
