@@ -40,7 +40,7 @@ def _norm(channels: int) -> nn.Module:
     return nn.BatchNorm3d(channels)
 
 
-class PointwiseBlock(nn.Module):
+class ResidualBlock(nn.Module):
     """x + conv(SiLU(BatchNorm(x))): with ``kernel`` 1 (default) a residual MLP applied at every voxel;
     with 3 a residual 3x3x3 convolution (replicate padding: a tile's border sees its own edge, not zeros)."""
 
@@ -70,9 +70,9 @@ class FPNHead(nn.Module):
         self.lateral = nn.ModuleDict({
             k: nn.Sequential(_norm(feature_channels[k]),
                              nn.Conv3d(feature_channels[k], width, 1),
-                             *[PointwiseBlock(width, kernel[k]) for _ in range(blocks)])
+                             *[ResidualBlock(width, kernel[k]) for _ in range(blocks)])
             for k in self.keys})
-        self.merge = nn.ModuleDict({k: PointwiseBlock(width, kernel[k]) for k in self.keys[:-1]})
+        self.merge = nn.ModuleDict({k: ResidualBlock(width, kernel[k]) for k in self.keys[:-1]})
         self.out = nn.Sequential(_norm(width), nn.SiLU(), nn.Conv3d(width, num_classes, 1))
 
     def forward(self, features: dict[str, Tensor], output_size: tuple[int, ...]) -> Tensor:
